@@ -1,0 +1,111 @@
+"""Per-layer caches for the hybrid decoder: a KV cache for gated attention, conv + recurrent state for GDN.
+
+Every cache can be snapshotted and restored, because GDN states cannot be trimmed token by token: prompt reuse across
+turns and speculative decoding roll back to a snapshot instead. A snapshot is cheap: MLX arrays are immutable values,
+and the KV buffer is only ever written past `offset`, so the rows a snapshot covers are never overwritten.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys/values [B, n_kv, T, head_dim], grown in steps so decode does not reallocate every token."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > self.keys.shape[2]:
+            B, H, _, D = keys.shape
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.offset += n
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def snapshot(self) -> Any:
+        return self.offset
+
+    def restore(self, snapshot: Any) -> None:
+        if snapshot > self.offset:
+            raise ValueError(f"cannot restore a KV snapshot at {snapshot} tokens into a cache of {self.offset}")
+        self.offset = snapshot
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.keys is None:
+            return []
+        return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
+
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        if arrays:
+            self.keys, self.values = arrays
+            self.offset = self.keys.shape[2]
+        else:
+            self.keys = self.values = None
+            self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+class GDNCache:
+    """Gated DeltaNet state: the last K-1 pre-conv rows [B, K-1, conv_dim] and the recurrence [B, Hv, Dk, Dv] fp32."""
+
+    def __init__(self) -> None:
+        self.conv_state: mx.array | None = None
+        self.recurrent_state: mx.array | None = None
+        self.offset = 0
+
+    def snapshot(self) -> Any:
+        return (self.conv_state, self.recurrent_state, self.offset)
+
+    def restore(self, snapshot: Any) -> None:
+        self.conv_state, self.recurrent_state, self.offset = snapshot
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.conv_state is None:
+            return []
+        return [self.conv_state, self.recurrent_state]
+
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        self.conv_state, self.recurrent_state = arrays if arrays else (None, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+Cache = KVCache | GDNCache
+
+
+def snapshot(cache: list[Cache]) -> list[Any]:
+    """A restorable copy of a whole model cache (see `restore`)."""
+    return [c.snapshot() for c in cache]
+
+
+def restore(cache: list[Cache], snap: list[Any]) -> None:
+    if len(snap) != len(cache):
+        raise ValueError(f"snapshot has {len(snap)} layers, cache has {len(cache)}")
+    for c, s in zip(cache, snap):
+        c.restore(s)
