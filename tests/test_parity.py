@@ -7,7 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import KINDS
+from conftest import FIXTURES, KINDS
 
 from mlx_qwen36 import load_model
 
@@ -23,6 +23,16 @@ def test_reference_runs_live(tiny):
     if not tiny["live"]:
         pytest.skip("torch/transformers not installed: parity is checked against the committed golden fixtures only")
     assert tiny["moe"]["golden"]["logits_fp32"].shape == (2, 12, 512)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_committed_fixtures_are_current(tiny, kind):
+    """The golden fixtures a torch-less `pytest` relies on are what tests/reference.py builds today."""
+    if not tiny["live"]:
+        pytest.skip("torch/transformers not installed")
+    committed = np.load(FIXTURES / f"{kind}-golden.npz")
+    for key, value in tiny[kind]["golden"].items():
+        assert np.array_equal(committed[key], value), f"{kind}-golden.npz:{key} is stale: rerun tests/reference.py"
 
 
 @pytest.mark.parametrize("kind", KINDS)
