@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
 from .convert.hf import hf_to_mlx, keeps_fp32
+from .convert.mlx_layout import from_disk, is_mlx_layout, module_from_disk_quantized
 from .model import Model
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.tiktoken", "*.model", "*.py", "*.md"]
@@ -137,14 +139,14 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     return tensors, origin
 
 
-def _mtp_layers(names: list[str], config: ModelConfig) -> int:
+def mtp_layer_count(names: list[str], config: ModelConfig) -> int:
     found = {int(m.group(1)) for n in names if (m := MTP_LAYER.match(n))}
     if not any(n.startswith("mtp.") for n in names):
         return 0
     return max(config.text.mtp_num_hidden_layers, max(found, default=-1) + 1)
 
 
-def _check_against_model(model: Model, weights: dict[str, mx.array], sources: dict[str, list[str]],
+def check_against_model(model: Model, weights: dict[str, mx.array], sources: dict[str, list[str]],
                          origin: dict[str, str]) -> None:
     expected = dict(tree_flatten(model.parameters()))
 
@@ -168,9 +170,48 @@ def _check_against_model(model: Model, weights: dict[str, mx.array], sources: di
 
 
 def _cast(name: str, w: mx.array, dtype: mx.Dtype | None) -> mx.array:
-    if dtype is None or not mx.issubdtype(w.dtype, mx.floating) or keeps_fp32(name):
+    if keeps_fp32(name):
+        return w.astype(mx.float32)
+    if dtype is None or not mx.issubdtype(w.dtype, mx.floating):
         return w
     return w.astype(dtype)
+
+
+def canonical_tensors(tensors: dict[str, mx.array], config: ModelConfig):
+    """Yield (canonical name, array, source names) from either the raw HF layout or the MLX on-disk layout.
+
+    In the MLX layout everything is already transformed, except `mtp.*` written by someone other than this
+    package's converter (mlx-lm and mlx-vlm drop the MTP head; a raw MTP shard added beside them is still HF).
+    """
+    if not is_mlx_layout(tensors):
+        yield from hf_to_mlx(tensors.items())
+        return
+    ours = "mlx_qwen36" in config.raw
+    raw_mtp = {k: v for k, v in tensors.items() if k.startswith("mtp.") and not ours}
+    yield from from_disk((k, v) for k, v in tensors.items() if k not in raw_mtp)
+    yield from hf_to_mlx(raw_mtp.items())
+
+
+def quantization_of(config: ModelConfig) -> tuple[dict, dict[str, dict]] | None:
+    """(default spec, {canonical module: spec or False}) from an mlx-lm style `quantization` config section."""
+    q = config.raw.get("quantization") or config.raw.get("quantization_config")
+    if not q or "bits" not in q:
+        return None
+    default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+    overrides = {module_from_disk_quantized(k): v for k, v in q.items() if isinstance(v, (dict, bool))}
+    return default, overrides
+
+
+def _quantize(model: Model, weights: dict[str, mx.array], quant: tuple[dict, dict[str, dict]]) -> None:
+    default, overrides = quant
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        spec = overrides.get(path, default)
+        return dict(default, **spec) if isinstance(spec, dict) else spec
+
+    nn.quantize(model, class_predicate=predicate)
 
 
 def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtype | str | None = None,
@@ -191,17 +232,19 @@ def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtyp
     weights: dict[str, mx.array] = {}
     sources: dict[str, list[str]] = {}
     try:
-        for name, w, src in hf_to_mlx(tensors.items()):
+        for name, w, src in canonical_tensors(tensors, config):
             weights[name] = _cast(name, w, dtype)
             sources[name] = src
     except ValueError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     del tensors
 
-    model = Model(config, mtp_layers=_mtp_layers(list(weights), config))
+    model = Model(config, mtp_layers=mtp_layer_count(list(weights), config))
     if text_only or "visual" not in model:
         weights = {k: v for k, v in weights.items() if not k.startswith("visual.")}
-    _check_against_model(model, weights, sources, origin)
+    if (quant := quantization_of(config)) is not None:
+        _quantize(model, weights, quant)
+    check_against_model(model, weights, sources, origin)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if not lazy:

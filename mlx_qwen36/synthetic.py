@@ -122,26 +122,42 @@ def tensor_shapes(cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield from ffn(p, per_expert=True)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+def random_tensor(name: str, shape: tuple[int, ...], dtype: mx.Dtype, scale: float = 1.0) -> mx.array:
     if name.endswith("A_log"):
         return mx.log(mx.random.uniform(1.0, 16.0, shape)).astype(dtype)
     if name.endswith(("norm.weight", "dt_bias")):
         base = 1.0 if name.endswith("linear_attn.norm.weight") or name.endswith("dt_bias") else 0.0
         return (base + 0.1 * mx.random.normal(shape)).astype(dtype)
     fan_in = shape[-1]
-    return (mx.random.normal(shape) * fan_in**-0.5).astype(dtype)
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        scale = 1.0
+    return (mx.random.normal(shape) * scale * fan_in**-0.5).astype(dtype)
 
 
 def write_checkpoint(out: str | Path, cfg: dict[str, Any], dtype: mx.Dtype = mx.bfloat16,
-                     shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
-    """Write config.json, sharded safetensors and the index; returns the folder."""
+                     shard_bytes: int = 2 << 30, seed: int = 0, weight_scale: float = 1.0,
+                     predictable: bool = False) -> Path:
+    """Write config.json, sharded safetensors and the index; returns the folder.
+
+    `weight_scale` < 1 shrinks the layers' matmul weights relative to the residual stream: random networks at full
+    scale are chaotic (bf16 rounding alone flips a quarter of their top-1 tokens), which says nothing about how a
+    trained model tolerates quantization; damped ones behave more like trained ones. `predictable` makes lm_head
+    the embedding shifted by one row, so token t strongly predicts t+1: next-token distributions are then peaked
+    like a trained model's, and greedy decoding has margins that quantization noise should not flip.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
+    embed = None
     for name, shape in tensor_shapes(cfg):
-        t = random_tensor(name, shape, dtype)
+        if predictable and name == "lm_head.weight":
+            t = mx.roll(embed, 1, axis=0) * cfg["hidden_size"] ** -0.5
+        elif predictable and name.endswith("embed_tokens.weight"):
+            t = embed = mx.random.normal(shape).astype(dtype)  # unit rms: the residual stream carries the token
+        else:
+            t = random_tensor(name, shape, dtype, weight_scale)
         mx.eval(t)
         if size and size + t.nbytes > shard_bytes:
             _flush(out, shards)
