@@ -15,7 +15,9 @@ the same thing at every temperature. Truncation comes after temperature because 
 distribution actually sampled from.
 
 Everything is float32. Truncation works on candidate ids rather than the 248,320-entry vocabulary: top-k is an
-argpartition and top-p sorts only the k survivors (the full vocabulary only when top_k == 0).
+argpartition and top-p sorts only the k survivors (the full vocabulary only when top_k == 0, which costs ~60 ms on
+the CPU backend). Token counts for the penalties are kept incrementally by the Sampler, so a long history costs
+O(new tokens) per step rather than O(history).
 """
 
 from __future__ import annotations
@@ -293,6 +295,7 @@ class Sampler:
 
     def reset(self) -> None:
         """Forget the history and rewind the PRNG key to the seed, so the next sequence repeats the first."""
+        self._counter.reset()
         self._key = None if self.params.seed is None else mx.random.key(self.params.seed)
 
     def sample(self, logits: mx.array, generated: TokenIds = ()) -> mx.array:
