@@ -2,10 +2,13 @@
 
 from .cache import GDNCache, KVCache
 from .config import ConfigError, ModelConfig, TextConfig
+from .generator import GenerationChunk, GenerationResult, generate, stream_generate
 from .loader import CheckpointError, load, load_model
 from .model import Model
+from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "GDNCache", "KVCache", "Model", "ModelConfig", "TextConfig", "load",
-           "load_model"]
+__all__ = ["CheckpointError", "ConfigError", "GDNCache", "GenerationChunk", "GenerationResult", "KVCache", "Model",
+           "ModelConfig", "PromptCache", "PromptCacheError", "TextConfig", "generate", "load", "load_model",
+           "make_prompt_cache", "stream_generate"]

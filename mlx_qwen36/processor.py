@@ -349,8 +349,10 @@ class Processor:
         eos_token_ids: Sequence[int],
         special_tokens: Mapping[str, str] | None = None,
         image_processor: Any | None = None,
+        generation_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.generation_config: dict[str, Any] = dict(generation_config or {})
         self.chat_template = chat_template
         self.eos_token_ids: list[int] = list(eos_token_ids)
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
@@ -574,4 +576,6 @@ def load_processor(path: str | Path) -> Processor:
         chat_template=chat_template,
         eos_token_ids=_eos_token_ids(folder, tokenizer, special_tokens),
         special_tokens=special_tokens,
+        generation_config=_read_json(folder / GENERATION_CONFIG_FILE)
+        if (folder / GENERATION_CONFIG_FILE).is_file() else {},
     )

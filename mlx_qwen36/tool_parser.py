@@ -371,13 +371,16 @@ def _first_marker(text: str, markers: tuple[str, ...]) -> tuple[int, str | None]
 
 def _partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a marker (it may complete later)."""
-    longest = 0
-    for marker in markers:
-        for length in range(min(len(marker) - 1, len(text)), longest, -1):
-            if text.endswith(marker[:length]):
-                longest = length
-                break
-    return longest
+    if not markers:
+        return 0
+    # Every marker starts with "<", so only a "<" within reach of the end can begin one; the earliest is longest.
+    position = text.find("<", max(0, len(text) - max(len(marker) for marker in markers) + 1))
+    while position != -1:
+        suffix = text[position:]
+        if any(len(suffix) < len(marker) and marker.startswith(suffix) for marker in markers):
+            return len(suffix)
+        position = text.find("<", position + 1)
+    return 0
 
 
 def _function_follows(text: str) -> bool | None:

@@ -210,9 +210,18 @@ def golden(paths: dict[str, Path]) -> dict[str, np.ndarray]:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
         return reference_logits(model, ids)
 
+    def greedy(path: Path, new_tokens: int = 16) -> np.ndarray:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        prompt = torch.from_numpy(ids[:1].astype(np.int64))
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        return out[0, ids.shape[1]:].numpy().astype(np.int32)
+
     ids = input_ids()
     return {
         "input_ids": ids,
+        "greedy_fp32": greedy(paths["hf"]),
         "logits_fp32": run(paths["hf"], torch.float32),
         "logits_release_fp32": run(paths["release"], torch.float32),
         "logits_release_bf16": run(paths["release"], torch.bfloat16),

@@ -1,0 +1,267 @@
+"""Streaming generation: prompt -> (cached) prefill -> sampling loop -> text, reasoning and tool calls.
+
+The prompt is rendered with the chat template, the longest cached prefix is reused (see `prompt_cache`), the rest
+is prefilled in chunks that end on message boundaries (where snapshots are taken), and each sampled token goes
+through the streaming detokenizer, the stop-string filter and the reasoning/tool-call parser. Every model step is
+atomic for the prompt cache: if it is interrupted (Ctrl-C, a closed stream), the cache is rolled back to the last
+token it fully processed, so the conversation can go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import restore as restore_cache
+from .cache import snapshot as snapshot_cache
+from .detokenizer import StreamingDetokenizer
+from .model import DEFAULT_PREFILL_CHUNK, Model
+from .prompt_cache import IM_START, PromptCache
+from .sampling import Sampler, SamplingParams, from_generation_config, preset
+from .tool_parser import CONTENT, REASONING, TOOL_CALL, Event, StreamParser, ToolCall, initial_phase
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass
+class GenerationChunk:
+    """One step of the stream. `text` is new visible text of `phase`; `token` is the sampled id (None on the
+    extra chunk a token may produce when it releases text of two phases, and on the final summary chunk)."""
+
+    text: str
+    token: int | None
+    phase: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    reasoning: str
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    tokens: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float
+
+
+class StopStrings:
+    """Cuts the stream at the first stop string; text that may begin one is held back, so none is ever emitted."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def sampling_params(processor: Any, preset_name: str | None = None, **overrides: Any) -> SamplingParams:
+    """generation_config.json defaults, then a named preset, then every argument that is not None."""
+    params = preset(preset_name) if preset_name else from_generation_config(processor.generation_config)
+    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def build_prompt(processor: Any, prompt: str | Sequence[Any], tools: Sequence[dict] | None, enable_thinking: bool,
+                 preserve_thinking: bool) -> tuple[list[int], str]:
+    """Token ids and text of the prompt. A string is one user message; a list of ints is taken as token ids."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+        return ids, processor.decode(ids)
+    text = processor.apply_chat_template(list(prompt), tools=tools, enable_thinking=enable_thinking,
+                                         preserve_thinking=preserve_thinking, tokenize=False)
+    return processor.encode(text), text
+
+
+def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], logits: bool) -> mx.array:
+    """Push tokens through the cache; on any interruption roll the cache back to before them."""
+    before = snapshot_cache(pc.cache)
+    try:
+        x = mx.array([tokens])
+        out = model(x, pc.cache)[:, -1] if logits else model.model(x, pc.cache)
+        mx.eval(out, [c.state for c in pc.cache])
+    except BaseException:
+        restore_cache(pc.cache, before)
+        raise
+    pc.record(tokens)
+    return out
+
+
+def prefill(model: Model, pc: PromptCache, prompt: list[int], start: int, chunk_size: int) -> mx.array:
+    """Prefill prompt[start:] in chunks that end on message boundaries (snapshotted); returns the last logits."""
+    boundaries = {p for p in range(start + 1, len(prompt)) if prompt[p] == IM_START}
+    pos = start
+    while pos < len(prompt) - 1:
+        end = min(pos + chunk_size, len(prompt) - 1, min((b for b in boundaries if b > pos), default=len(prompt)))
+        _atomic_step(model, pc, prompt[pos:end], logits=False)
+        if end in boundaries:
+            pc.mark()
+        pos = end
+    return _atomic_step(model, pc, prompt[-1:], logits=True)
+
+
+def stream_generate(
+    model: Model,
+    processor: Any,
+    prompt_or_messages: str | Sequence[Any],
+    *,
+    images: Sequence[Any] | None = None,
+    videos: Sequence[Any] | None = None,
+    tools: Sequence[dict] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    enable_thinking: bool = True,
+    preserve_thinking: bool = False,
+    prompt_cache: PromptCache | None = None,
+    preset: str | None = None,
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[GenerationChunk]:
+    """Generate a reply, streaming a `GenerationChunk` per sampled token and a final chunk with `finish_reason`
+    ("stop", "length" or "tool_calls") and the statistics. `temperature=0` is greedy."""
+    if images or videos:
+        raise ValueError("images and videos need the vision tower, which this model build does not have")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    params = sampling_params(processor, preset, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             repetition_penalty=repetition_penalty, seed=seed)
+    ids, text = build_prompt(processor, prompt_or_messages, tools, enable_thinking, preserve_thinking)
+    vocab = model.config.text.vocab_size
+    if max(ids, default=0) >= vocab or min(ids, default=0) < 0:
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab}")
+    context = model.config.text.max_position_embeddings
+    if len(ids) >= context:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
+    pc = prompt_cache if prompt_cache is not None else PromptCache(model)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    yield from _generate(model, processor, pc, ids, text, params, tools, max_tokens, stops, prefill_chunk_size)
+
+
+def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], text: str, params: SamplingParams,
+              tools: Sequence[dict] | None, max_tokens: int, stops: list[str], chunk_size: int,
+              ) -> Iterator[GenerationChunk]:
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    cached = pc.reuse(model, ids)
+    logits = prefill(model, pc, ids, cached, chunk_size)
+    pc.mark()
+    prompt_time = time.perf_counter() - start
+    stats = {"prompt_tokens": len(ids), "cached_tokens": cached,
+             "prompt_tps": (len(ids) - cached) / max(prompt_time, 1e-9)}
+
+    sampler = Sampler(params)
+    detok = StreamingDetokenizer(processor)
+    parser = StreamParser(initial_phase(text), list(tools) if tools else None)
+    stopper = StopStrings(stops)
+    eos = set(processor.eos_token_ids)
+    room = model.config.text.max_position_embeddings - len(ids)
+    generated: list[int] = []
+    finish = "length"
+    stopped_by_string = saw_tool_call = False
+    gen_start = time.perf_counter()
+
+    def live(**extra) -> dict:
+        n = len(generated)
+        return dict(stats, generation_tokens=n, generation_tps=n / max(time.perf_counter() - gen_start, 1e-9),
+                    peak_memory_gb=mx.get_peak_memory() / 1e9, **extra)
+
+    def chunks(events: list[Event], token: int | None) -> Iterator[GenerationChunk]:
+        nonlocal saw_tool_call
+        if not events:
+            yield GenerationChunk("", token, parser.phase, **live())
+        for i, ev in enumerate(events):
+            calls = [ev.tool_call] if ev.tool_call is not None else []
+            saw_tool_call |= bool(calls)
+            yield GenerationChunk(ev.text, token if i == len(events) - 1 else None, ev.phase, calls, **live())
+
+    try:
+        for _ in range(min(max_tokens, room)):
+            token = sampler(logits, generated)
+            generated.append(token)
+            if token in eos:
+                finish = "stop"
+                yield from chunks([], token)
+                break
+            delta, stopped_by_string = stopper.feed(detok.add_token(token))
+            yield from chunks(parser.feed(delta), token)
+            if stopped_by_string:
+                finish = "stop"
+                break
+            if len(generated) == min(max_tokens, room):
+                break
+            logits = _atomic_step(model, pc, [token], logits=True)
+        events = []
+        if not stopped_by_string:
+            tail, stopped_by_string = stopper.feed(detok.finalize())
+            events = parser.feed(tail if stopped_by_string else tail + stopper.flush())
+        events += parser.finish()
+        if events:
+            yield from chunks(events, None)
+        if saw_tool_call and finish == "stop":
+            finish = "tool_calls"
+        yield GenerationChunk("", None, parser.phase, finish_reason=finish, **live())
+    finally:
+        pc.mark()
+
+
+def generate(model: Model, processor: Any, prompt_or_messages: str | Sequence[Any], **kwargs: Any
+             ) -> GenerationResult:
+    """The whole reply at once: reasoning, content, tool calls, finish reason and statistics."""
+    parts: dict[str, list[str]] = {REASONING: [], CONTENT: []}
+    calls: list[ToolCall] = []
+    tokens: list[int] = []
+    last: GenerationChunk | None = None
+    for chunk in stream_generate(model, processor, prompt_or_messages, **kwargs):
+        if chunk.token is not None:
+            tokens.append(chunk.token)
+        if chunk.phase in parts:
+            parts[chunk.phase].append(chunk.text)
+        if chunk.phase == TOOL_CALL:
+            calls.extend(chunk.tool_calls)
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return GenerationResult(
+        reasoning="".join(parts[REASONING]), content="".join(parts[CONTENT]), tool_calls=calls,
+        finish_reason=last.finish_reason, tokens=tokens, prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens, prompt_tps=last.prompt_tps, generation_tps=last.generation_tps,
+        peak_memory_gb=last.peak_memory_gb,
+    )
