@@ -11,6 +11,8 @@ in exactly one place. Each rule here has a test that breaks when the rule does.
 - experts, fused (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) or per expert
   (`experts.{e}.{gate,up,down}_proj.weight`), become `experts.gate_up_proj.weight [E, 2I, H]` (gate rows first)
   and `experts.down_proj.weight [E, H, I]`;
+- the vision patch embedding (a Conv3d) becomes channels-last `[out, T, py, px, C]`, as MLX convolutions and
+  mlx-vlm checkpoints have it;
 - `A_log` and `dt_bias` are kept in fp32 (`keeps_fp32` lists every tensor a dtype cast must leave alone).
 """
 
@@ -63,6 +65,8 @@ def transform(name: str, w: mx.array) -> mx.array:
         return w.swapaxes(1, 2)
     if FP32_PARAMS.search(name):
         return w.astype(mx.float32)
+    if name == "visual.patch_embed.proj.weight" and w.ndim == 5 and w.shape[1] == 3:
+        return w.transpose(0, 2, 3, 4, 1)  # Conv3d [out, C, T, py, px] -> MLX channels-last [out, T, py, px, C]
     return w
 
 

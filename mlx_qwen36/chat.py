@@ -1,0 +1,230 @@
+"""`python -m mlx_qwen36.chat`: a terminal chat with Qwen3.6, streaming, with reasoning shown dimmed.
+
+A thin shell over the library: `load`, `stream_generate` and a `PromptCache` that carries the conversation, so
+each turn only prefills what is new. Ctrl-C stops the current answer and returns to the prompt; the cache rolls
+back to the last token it finished, and the partial answer stays in the conversation as it was shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
+from .loader import load
+from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
+from .sampling import PRESETS
+
+DEFAULT_MODEL = "mlx-community/Qwen3.6-35B-A3B-4bit"
+HELP = """commands:
+  /think on|off        thinking before answering (now: {think})
+  /reasoning show|hide show the model's reasoning, dimmed (now: {show})
+  /system [TEXT]       set the system prompt (empty clears it) and start over
+  /reset               start a new conversation
+  /save PATH           save the conversation's prompt cache
+  /load PATH           load a saved prompt cache
+  /stats               statistics of the last answer
+  /image PATH, /video PATH   attach media (needs a model build with the vision tower)
+  /help                this list
+  /quit                leave (Ctrl-D too)
+A line ending in \\ continues on the next line; Ctrl-C stops an answer."""
+
+
+@dataclass
+class Session:
+    model: Any
+    processor: Any
+    sampling: dict[str, Any]
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    system: str | None = None
+    think: bool = True
+    preserve_thinking: bool = False
+    show_reasoning: bool = True
+    out: TextIO = sys.stdout
+    color: bool = False
+    messages: list[dict] = field(default_factory=list)
+    cache: PromptCache | None = None
+    last: GenerationChunk | None = None
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = make_prompt_cache(self.model)
+
+    def write(self, text: str, dim: bool = False) -> None:
+        if dim and self.color:
+            text = f"\x1b[2m{text}\x1b[0m"
+        self.out.write(text)
+        self.out.flush()
+
+    def ask(self, text: str) -> None:
+        """Send a user message and stream the answer."""
+        self.messages.append({"role": "user", "content": text})
+        self.last = None
+        parts = {"reasoning": [], "content": []}
+        calls: list[dict] = []
+        phase = None
+        try:
+            for chunk in stream_generate(self.model, self.processor, self.messages, max_tokens=self.max_tokens,
+                                         enable_thinking=self.think, preserve_thinking=self.preserve_thinking,
+                                         prompt_cache=self.cache, **self.sampling):
+                self.last = chunk
+                if chunk.phase in parts and chunk.text:
+                    parts[chunk.phase].append(chunk.text)
+                    if chunk.phase == "reasoning" and not self.show_reasoning:
+                        continue
+                    if chunk.phase != phase:
+                        self.write("\n" if phase else "")
+                        phase = chunk.phase
+                    self.write(chunk.text, dim=chunk.phase == "reasoning")
+                for call in chunk.tool_calls:
+                    calls.append(call.to_openai())
+                    self.write(f"\n[tool call] {call.name}({call.arguments_json()})\n")
+        except KeyboardInterrupt:
+            self.write("\n[interrupted]")
+        except ValueError:
+            self.messages.pop()  # the message was refused (e.g. too long): it is not part of the conversation
+            raise
+        reply = {"role": "assistant", "content": "".join(parts["content"]),
+                 "reasoning_content": "".join(parts["reasoning"])}
+        if calls:
+            reply["tool_calls"] = calls
+        self.messages.append(reply)
+        self.write("\n")
+        if self.last is not None:
+            self.write(self.stats() + "\n", dim=True)
+
+    def stats(self) -> str:
+        c = self.last
+        if c is None:
+            return "no answer yet"
+        return (f"[{c.prompt_tokens} prompt tokens ({c.cached_tokens} cached), {c.prompt_tps:.1f} tok/s prefill | "
+                f"{c.generation_tokens} tokens, {c.generation_tps:.1f} tok/s | peak {c.peak_memory_gb:.2f} GB | "
+                f"{c.finish_reason or 'interrupted'}]")
+
+    def command(self, line: str) -> bool:
+        """Run a /command; returns False when the session should end."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.write(HELP.format(think="on" if self.think else "off",
+                                   show="show" if self.show_reasoning else "hide") + "\n")
+        elif name == "/think" and arg in ("on", "off"):
+            self.think = arg == "on"
+            self.write(f"thinking {arg}\n")
+        elif name == "/reasoning" and arg in ("show", "hide"):
+            self.show_reasoning = arg == "show"
+            self.write(f"reasoning {'shown' if self.show_reasoning else 'hidden'}\n")
+        elif name == "/system":
+            self.system = arg or None
+            self.reset()
+            self.write("system prompt set; new conversation\n" if arg else "system prompt cleared\n")
+        elif name == "/reset":
+            self.reset()
+            self.write("new conversation\n")
+        elif name == "/stats":
+            self.write(self.stats() + "\n")
+        elif name == "/save" and arg:
+            self.cache.save(Path(arg).expanduser())
+            self.write(f"saved the prompt cache ({len(self.cache.tokens)} tokens) to {arg}\n")
+        elif name == "/load" and arg:
+            try:
+                self.cache = PromptCache.load(self.model, Path(arg).expanduser())
+                self.write(f"loaded a prompt cache of {len(self.cache.tokens)} tokens\n")
+            except (PromptCacheError, FileNotFoundError) as e:
+                self.write(f"error: {e}\n")
+        elif name in ("/image", "/video"):
+            self.write(f"error: {name} needs the vision tower, which this model build does not have\n")
+        else:
+            self.write(f"unknown command or missing argument: {line} (try /help)\n")
+        return True
+
+
+def read_message(prompt: str = ">>> ") -> str:
+    """One message; a trailing backslash continues it on the next line."""
+    lines = []
+    while True:
+        line = input(prompt if not lines else "... ")
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_qwen36.chat", description="Chat with Qwen3.6 in the terminal.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=os.environ.get("MLX_QWEN36_MODEL", DEFAULT_MODEL),
+                   help="local folder or Hugging Face repo id")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per answer at most")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="sampling preset from the model card (default: the checkpoint's generation_config.json)")
+    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-think", action="store_true", help="answer without thinking first")
+    p.add_argument("--preserve-thinking", action="store_true",
+                   help="keep past reasoning in the conversation (reuses the whole history from the cache)")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
+    p.add_argument("--system", default=None, help="system prompt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"loading {args.model} ...", flush=True)
+    start = time.perf_counter()
+    try:
+        model, processor = load(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sampling = {"preset": args.preset, "temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
+                "min_p": args.min_p, "presence_penalty": args.presence_penalty,
+                "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    session = Session(model, processor, sampling, max_tokens=args.max_tokens, system=args.system,
+                      think=not args.no_think, preserve_thinking=args.preserve_thinking,
+                      show_reasoning=not args.hide_reasoning,
+                      color=sys.stdout.isatty() and "NO_COLOR" not in os.environ)
+    print(f"ready in {time.perf_counter() - start:.1f} s. /help for commands, Ctrl-D to quit.")
+    while True:
+        try:
+            line = read_message()
+        except KeyboardInterrupt:
+            print()
+            continue
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not session.command(line.strip()):
+                    return 0
+            else:
+                session.ask(line)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
