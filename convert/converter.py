@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from ..model import Model
 from .hf import hf_to_mlx, keeps_fp32
 from .mlx_layout import is_mlx_layout, to_disk
 from .quantize import QuantSpec, check_arguments, quant_spec
-from .writer import write_safetensors
+from .writer import Tensor, nbytes_of, shape_of, write_safetensors
 
 FORMAT_VERSION = 1
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -77,15 +78,17 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
 
 
 def plan(tensors: dict[str, mx.array], config: ModelConfig, opts: ConvertOptions,
-         origin: dict[str, str]) -> tuple[list[tuple[str, mx.array]], ConvertSummary, dict]:
+         origin: dict[str, str]) -> tuple[list[tuple[str, Tensor]], ConvertSummary, dict]:
     """The output tensors (lazy, in write order), the parameter/bit accounting, and the quantization config."""
     dtype = DTYPES[opts.dtype]
-    canonical: dict[str, mx.array] = {}
+    canonical: dict[str, Tensor] = {}
     sources: dict[str, list[str]] = {}
-    for name, w, src in hf_to_mlx(tensors.items()):
+    # Per-expert groups stay lists of slices: each expert is transformed and written on its own, never stacked.
+    for name, w, src in hf_to_mlx(tensors.items(), stacked=False):
         if (opts.drop_mtp and name.startswith("mtp.")) or (opts.drop_vision and name.startswith("visual.")):
             continue
-        canonical[name] = w.astype(mx.float32) if keeps_fp32(name) else w.astype(dtype)
+        target = mx.float32 if keeps_fp32(name) else dtype
+        canonical[name] = w.astype(target) if isinstance(w, mx.array) else [p.astype(target) for p in w]
         sources[name] = src
     model = Model(config, mtp_layers=mtp_layer_count(list(canonical), config))
     check_against_model(model, {k: v for k, v in canonical.items() if not k.startswith("visual.")}, sources, origin)
@@ -93,30 +96,38 @@ def plan(tensors: dict[str, mx.array], config: ModelConfig, opts: ConvertOptions
     summary = ConvertSummary(path=Path())
     qconfig: dict = {}
     bits = 0
-    out: list[tuple[str, mx.array]] = []
+    out: list[tuple[str, Tensor]] = []
     for name, w in canonical.items():
         module, part = name.rsplit(".", 1)
+        shape = shape_of(w)
         spec: QuantSpec | None = None
         if opts.quantize and part == "weight":
-            spec = quant_spec(module, tuple(w.shape), bits=opts.bits, group_size=opts.group_size,
+            spec = quant_spec(module, shape, bits=opts.bits, group_size=opts.group_size,
                               mode=opts.mode, recipe=opts.recipe, quantize_vision=opts.quantize_vision)
-        summary.parameters += w.size
-        if spec is None:
-            parts = {name: w}
-        else:
-            wq, scales, *biases = mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode)
-            parts = {name: wq, f"{module}.scales": scales}
-            if biases:
-                parts[f"{module}.biases"] = biases[0]
+        summary.parameters += math.prod(shape)
+        parts = {name: w} if spec is None else _quantized_parts(module, w, spec)
+        if spec is not None:
             for disk_name, _ in to_disk(name, w):
                 qconfig[disk_name.rsplit(".", 1)[0]] = spec.as_dict()
         for part_name, arr in parts.items():
             for disk_name, disk_arr in to_disk(part_name, arr):
                 out.append((disk_name, disk_arr))
-                bits += disk_arr.nbytes * 8
+                bits += nbytes_of(disk_arr) * 8
     summary.bytes = bits // 8
     summary.bits_per_weight = bits / max(summary.parameters, 1)
     return out, summary, qconfig
+
+
+def _quantized_parts(module: str, w: Tensor, spec: QuantSpec) -> dict[str, Tensor]:
+    """weight/scales/biases of a quantized module; a list of expert slices is quantized slice by slice."""
+    def quantize(a: mx.array) -> list[mx.array]:
+        return mx.quantize(a, spec.group_size, spec.bits, mode=spec.mode)
+
+    names = [f"{module}.weight", f"{module}.scales", f"{module}.biases"]
+    if isinstance(w, mx.array):
+        return dict(zip(names, quantize(w)))
+    per_slice = [quantize(p) for p in w]
+    return {n: [q[i] for q in per_slice] for i, n in enumerate(names[: len(per_slice[0])])}
 
 
 def _quantization_section(opts: ConvertOptions, qconfig: dict) -> dict:
@@ -152,15 +163,16 @@ def _model_card(src: str, opts: ConvertOptions, summary: ConvertSummary) -> str:
             "The tensor layout is mlx-lm's and mlx-vlm's, so `mlx_lm.load` reads the text model too.\n")
 
 
-def _shards(tensors: list[tuple[str, mx.array]], shard_bytes: int) -> list[list[tuple[str, mx.array]]]:
-    shards: list[list[tuple[str, mx.array]]] = [[]]
+def _shards(tensors: list[tuple[str, Tensor]], shard_bytes: int) -> list[list[tuple[str, Tensor]]]:
+    shards: list[list[tuple[str, Tensor]]] = [[]]
     size = 0
     for name, t in tensors:
-        if shards[-1] and size + t.nbytes > shard_bytes:
+        n = nbytes_of(t)
+        if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((name, t))
-        size += t.nbytes
+        size += n
     return shards
 
 

@@ -70,19 +70,22 @@ def transform(name: str, w: mx.array) -> mx.array:
     return w
 
 
-def stack_experts(per_expert: dict[int, mx.array], name: str) -> mx.array:
-    """Stack {expert index: [out, in]} into [E, out, in], refusing gaps in the expert numbering."""
+def expert_list(per_expert: dict[int, mx.array], name: str) -> list[mx.array]:
+    """{expert index: [out, in]} in expert order, refusing gaps in the expert numbering."""
     missing = sorted(set(range(len(per_expert))) ^ set(per_expert))
     if missing:
         raise ValueError(f"{name}: expert tensors are not numbered 0..{len(per_expert) - 1} (odd ones: {missing[:8]})")
-    return mx.stack([per_expert[e] for e in range(len(per_expert))])
+    return [per_expert[e] for e in range(len(per_expert))]
 
 
-def hf_to_mlx(tensors: Iterable[tuple[str, mx.array]]) -> Iterator[tuple[str, mx.array, list[str]]]:
+def hf_to_mlx(tensors: Iterable[tuple[str, mx.array]], stacked: bool = True
+              ) -> Iterator[tuple[str, mx.array | list[mx.array], list[str]]]:
     """Convert (hf_name, array) pairs; yields (mlx_name, array, source hf names).
 
     Per-expert tensors are held back until all of a layer's experts have been seen, then stacked; everything else
-    is yielded as it comes, so a caller can stream a checkpoint tensor by tensor.
+    is yielded as it comes, so a caller can stream a checkpoint tensor by tensor. With `stacked=False` a per-expert
+    group is yielded as its list of per-expert slices ([2I, H] gate-then-up, or [H, I]) instead of one [E, …]
+    array, so a converter can transform and write it expert by expert without materialising the stack.
     """
     groups: dict[str, dict[str, dict[int, mx.array]]] = defaultdict(lambda: defaultdict(dict))
     sources: dict[str, list[str]] = defaultdict(list)
@@ -98,8 +101,11 @@ def hf_to_mlx(tensors: Iterable[tuple[str, mx.array]]) -> Iterator[tuple[str, mx
     for prefix, projs in groups.items():
         if set(projs) != {"gate_proj", "up_proj", "down_proj"}:
             raise ValueError(f"{prefix}: per-expert tensors incomplete, found only {sorted(projs)}")
-        gate = stack_experts(projs["gate_proj"], f"{prefix}.*.gate_proj")
-        up = stack_experts(projs["up_proj"], f"{prefix}.*.up_proj")
-        down = stack_experts(projs["down_proj"], f"{prefix}.*.down_proj")
-        yield f"{prefix}.gate_up_proj.weight", mx.concatenate([gate, up], axis=1), sources[prefix]
-        yield f"{prefix}.down_proj.weight", down, sources[prefix]
+        gate = expert_list(projs["gate_proj"], f"{prefix}.*.gate_proj")
+        up = expert_list(projs["up_proj"], f"{prefix}.*.up_proj")
+        down = expert_list(projs["down_proj"], f"{prefix}.*.down_proj")
+        if len(gate) != len(up) or len(gate) != len(down):
+            raise ValueError(f"{prefix}: {len(gate)} gate, {len(up)} up and {len(down)} down expert tensors")
+        gate_up = [mx.concatenate([g, u], axis=0) for g, u in zip(gate, up)]
+        yield f"{prefix}.gate_up_proj.weight", mx.stack(gate_up) if stacked else gate_up, sources[prefix]
+        yield f"{prefix}.down_proj.weight", mx.stack(down) if stacked else down, sources[prefix]

@@ -53,16 +53,23 @@ def module_from_disk_quantized(path: str) -> str:
                   re.sub(r"\.switch_mlp\.down_proj$", ".experts.down_proj", path))
 
 
-def to_disk(name: str, w: mx.array) -> Iterator[tuple[str, mx.array]]:
-    """One canonical tensor -> the on-disk tensor(s): fused expert gate/up split back into two."""
+def to_disk(name: str, w: mx.array | list[mx.array]) -> Iterator[tuple[str, mx.array | list[mx.array]]]:
+    """One canonical tensor -> the on-disk tensor(s): fused expert gate/up split back into two.
+
+    `w` may be a list of per-expert slices (the stacked tensor's axis 0), which stays a list.
+    """
     if m := FUSED.match(name):
         base = module_to_disk(m["prefix"]) + ".switch_mlp"
         if m["proj"] == "down_proj":
             yield f"{base}.down_proj.{m['part']}", w
+            return
+        if isinstance(w, list):
+            halves = [mx.split(p, 2, axis=0) for p in w]
+            gate, up = [h[0] for h in halves], [h[1] for h in halves]
         else:
             gate, up = mx.split(w, 2, axis=1)
-            yield f"{base}.gate_proj.{m['part']}", gate
-            yield f"{base}.up_proj.{m['part']}", up
+        yield f"{base}.gate_proj.{m['part']}", gate
+        yield f"{base}.up_proj.{m['part']}", up
         return
     module, part = name.rsplit(".", 1)
     yield f"{module_to_disk(module)}.{part}", w

@@ -161,8 +161,9 @@ def check_against_model(model: Model, weights: dict[str, mx.array], sources: dic
                               f"{model.config.model_type} model with this config" +
                               (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     for name, w in weights.items():
-        if tuple(w.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"shape mismatch in {where(name)}: {tuple(w.shape)} in the checkpoint, "
+        shape = tuple(w.shape) if isinstance(w, mx.array) else (len(w), *w[0].shape)  # a list: slices of axis 0
+        if shape != tuple(expected[name].shape):
+            raise CheckpointError(f"shape mismatch in {where(name)}: {shape} in the checkpoint, "
                                   f"{tuple(expected[name].shape)} expected from config.json for '{name}'")
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -239,8 +240,11 @@ def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtyp
         raise CheckpointError(f"{folder}: {e}") from None
     del tensors
 
-    model = Model(config, mtp_layers=mtp_layer_count(list(weights), config))
-    if text_only or "visual" not in model:
+    # The vision tower is built when asked for and the checkpoint has one (mlx-lm conversions drop it); its
+    # weights are then validated like the text ones. text_only=True builds no tower and skips its weights.
+    vision = not text_only and config.vision is not None and any(k.startswith("visual.") for k in weights)
+    model = Model(config, mtp_layers=mtp_layer_count(list(weights), config), vision=vision)
+    if not vision:
         weights = {k: v for k, v in weights.items() if not k.startswith("visual.")}
     if (quant := quantization_of(config)) is not None:
         _quantize(model, weights, quant)
