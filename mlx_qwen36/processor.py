@@ -7,15 +7,18 @@ sandbox configured exactly like transformers' (`utils/chat_template_utils.py`, `
 with the same message clean-up beforehand.
 
 Messages are accepted in OpenAI Chat Completions form (content parts, `image_url`/`video_url`, tool calls
-whose `arguments` is a JSON string) and normalised into the shapes the Qwen template reads. Vision is not
-handled here: `Processor.image_processor` is the place a later image processor attaches, and
-`normalize_messages` keeps the image/video references in order for it.
+whose `arguments` is a JSON string) and normalised into the shapes the Qwen template reads;
+`normalize_messages` keeps the image/video references in order. Pixels are prepared by
+`Processor.image_processor` (`mlx_qwen36.image_processor.ImageProcessor`) and `Processor.video_processor`
+(`mlx_qwen36.video.VideoProcessor`), and `Processor.expand_vision_tokens` turns the one placeholder the template
+writes per image/video into the tokens the vision tower's outputs fill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -29,6 +32,9 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
+
+from mlx_qwen36.image_processor import ImageProcessor
+from mlx_qwen36.video import VideoProcessor
 
 __all__ = [
     "ChatTemplateError",
@@ -48,6 +54,12 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Other names clients use for a message's reasoning; transformers copies them to `reasoning_content`.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+# Vision placeholders (ARCHITECTURE.md §7): the template writes VISION_START + IMAGE_TOKEN|VIDEO_TOKEN + VISION_END.
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
 
 
 class ChatTemplateError(ValueError):
@@ -336,10 +348,12 @@ def render_chat_template(
 
 
 class Processor:
-    """Qwen3.6 text processor: tokenizer + chat template + stop ids. Build it with `load_processor`.
+    """Qwen3.6 processor: tokenizer + chat template + stop ids, plus the image and video preprocessors.
+    Build it with `load_processor`.
 
-    `image_processor` is None for now; a vision processor attaches there later and expands the single
-    `<|image_pad|>`/`<|video_pad|>` token the template emits per item.
+    `image_processor` (`ImageProcessor`) and `video_processor` (`VideoProcessor`) turn media into pixel
+    patches and grids; `expand_vision_tokens` then expands the single `<|image_pad|>` /
+    `<|vision_start|><|video_pad|><|vision_end|>` the template emits per item to match them.
     """
 
     def __init__(
@@ -350,6 +364,7 @@ class Processor:
         special_tokens: Mapping[str, str] | None = None,
         image_processor: Any | None = None,
         generation_config: Mapping[str, Any] | None = None,
+        video_processor: Any | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.generation_config: dict[str, Any] = dict(generation_config or {})
@@ -357,6 +372,7 @@ class Processor:
         self.eos_token_ids: list[int] = list(eos_token_ids)
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
         self.image_processor = image_processor
+        self.video_processor = video_processor
         _compile_template(chat_template)  # surface template syntax errors at load time
 
     @property
@@ -425,6 +441,154 @@ class Processor:
             **template_kwargs,
         )
         return self.encode(text) if tokenize else text
+
+    def expand_vision_tokens(
+        self,
+        prompt: str | Sequence[int],
+        image_grid_thw: Any = None,
+        video_grid_thw: Any = None,
+        video_timestamps: Sequence[Sequence[float]] | None = None,
+    ) -> str | list[int]:
+        """Expand the vision placeholders of a rendered prompt to the number of tokens the vision tower fills.
+
+        `prompt` is the chat template's text (`apply_chat_template(..., tokenize=False)`), or its token ids.
+        Returns the same kind: text (tokenize it with `encode`) or a list of ids. Placeholders are taken in
+        order and matched to the media in order:
+
+        - each `<|image_pad|>` becomes `prod(image_grid_thw[i]) / merge²` copies of itself;
+        - each whole `<|vision_start|><|video_pad|><|vision_end|>` becomes, for every temporal pair k of video j,
+          `<{video_timestamps[j][k]:.1f} seconds><|vision_start|>` + `<|video_pad|>` × (h·w/merge²) +
+          `<|vision_end|>` (the Qwen3-VL reference and vLLM; ARCHITECTURE.md §7).
+
+        `image_grid_thw` / `video_grid_thw` are `[n, 3]` (the processors' outputs) and `video_timestamps` their
+        `video_timestamps` (one list of seconds per video, one entry per temporal pair).
+
+        Expanding text and then encoding it is what the Qwen3-VL reference does; it is the recommended path.
+        For ids, each timestamp is encoded on its own (as a token-level replacement such as vLLM's does); the
+        two agree whenever a special token precedes each video placeholder, which the Qwen template ensures
+        unless text or `add_vision_id`'s `Video n: ` prefix runs straight into it.
+
+        Raises ValueError when placeholders and media do not pair up one to one (either way), on a
+        `<|video_pad|>` outside the three-token video placeholder, and on malformed grids or timestamps.
+        """
+        images = _grid_rows(image_grid_thw, "image_grid_thw")
+        videos = _grid_rows(video_grid_thw, "video_grid_thw")
+        image_merge = getattr(self.image_processor, "merge_size", 2)
+        video_merge = getattr(self.video_processor, "merge_size", 2)
+        image_counts = [_tokens_per_grid(grid, image_merge, f"image_grid_thw[{i}]") for i, grid in enumerate(images)]
+        video_frames = []  # per video: [(timestamp, pads per frame), ...]
+        stamps = list(video_timestamps) if video_timestamps is not None else []
+        if videos and video_timestamps is None:
+            raise ValueError("video_timestamps are required to expand videos (the VideoProcessor returns them)")
+        if len(stamps) != len(videos):
+            raise ValueError(f"got {len(videos)} video grids but {len(stamps)} lists of video_timestamps")
+        for j, grid in enumerate(videos):
+            per_frame = _tokens_per_grid((1, grid[1], grid[2]), video_merge, f"video_grid_thw[{j}]")
+            times = [float(t) for t in stamps[j]]
+            if len(times) != grid[0]:
+                raise ValueError(
+                    f"video {j}: video_grid_thw has {grid[0]} temporal pairs but video_timestamps has {len(times)}"
+                )
+            video_frames.append([(t, per_frame) for t in times])
+
+        if isinstance(prompt, str):
+            return _expand_text(prompt, image_counts, video_frames)
+        ids = [int(i) for i in (prompt.tolist() if isinstance(prompt, np.ndarray) else prompt)]
+        return self._expand_ids(ids, image_counts, video_frames)
+
+    def _expand_ids(self, ids: list[int], image_counts: list[int], video_frames: list[list[tuple[float, int]]]):
+        image_id, video_id = self.token_id(IMAGE_TOKEN), self.token_id(VIDEO_TOKEN)
+        start_id, end_id = self.token_id(VISION_START), self.token_id(VISION_END)
+        _check_placeholder_counts(
+            ids.count(image_id),
+            sum(1 for i in range(len(ids) - 2) if ids[i : i + 3] == [start_id, video_id, end_id]),
+            ids.count(video_id),
+            len(image_counts),
+            len(video_frames),
+        )
+        out: list[int] = []
+        n_image = n_video = 0
+        i = 0
+        while i < len(ids):
+            token = ids[i]
+            if token == image_id:
+                out.extend([image_id] * image_counts[n_image])
+                n_image += 1
+            elif token == start_id and ids[i + 1 : i + 3] == [video_id, end_id]:
+                for seconds, pads in video_frames[n_video]:
+                    out.extend(self.encode(f"<{seconds:.1f} seconds>"))
+                    out.append(start_id)
+                    out.extend([video_id] * pads)
+                    out.append(end_id)
+                n_video += 1
+                i += 3
+                continue
+            else:
+                out.append(token)
+            i += 1
+        return out
+
+
+_VIDEO_PLACEHOLDER = VISION_START + VIDEO_TOKEN + VISION_END
+_PLACEHOLDER_RE = re.compile("|".join(map(re.escape, (_VIDEO_PLACEHOLDER, IMAGE_TOKEN))))
+
+
+def _grid_rows(grid: Any, what: str) -> list[tuple[int, int, int]]:
+    if grid is None:
+        return []
+    array = np.asarray(grid)
+    if array.ndim == 1 and array.size == 3:
+        array = array[None]
+    if array.size == 0:
+        return []
+    if array.ndim != 2 or array.shape[1] != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{what} must be integer rows (t, h, w), got shape {array.shape} and dtype {array.dtype}")
+    return [tuple(int(v) for v in row) for row in array]
+
+
+def _tokens_per_grid(grid: tuple[int, int, int], merge: int, what: str) -> int:
+    t, h, w = grid
+    if t <= 0 or h <= 0 or w <= 0 or h % merge or w % merge:
+        raise ValueError(f"{what} = {grid} is not a valid grid for merge size {merge}")
+    return t * h * w // merge**2
+
+
+def _check_placeholder_counts(images: int, videos: int, video_pads: int, n_images: int, n_videos: int) -> None:
+    if video_pads != videos:
+        raise ValueError(
+            f"the prompt has {video_pads - videos} {VIDEO_TOKEN} outside a {_VIDEO_PLACEHOLDER} placeholder; "
+            "each video must appear as that three-token sequence, as the chat template writes it"
+        )
+    if images != n_images:
+        raise ValueError(
+            f"the prompt has {images} {IMAGE_TOKEN} placeholders but {n_images} images were given "
+            "(one placeholder per image; expand a rendered prompt once)"
+        )
+    if videos != n_videos:
+        raise ValueError(
+            f"the prompt has {videos} {_VIDEO_PLACEHOLDER} placeholders but {n_videos} videos were given "
+            "(one placeholder per video; expand a rendered prompt once)"
+        )
+
+
+def _expand_text(text: str, image_counts: list[int], video_frames: list[list[tuple[float, int]]]) -> str:
+    n_images = text.count(IMAGE_TOKEN)
+    n_videos = text.count(_VIDEO_PLACEHOLDER)
+    _check_placeholder_counts(n_images, n_videos, text.count(VIDEO_TOKEN), len(image_counts), len(video_frames))
+    pieces: list[str] = []
+    position = n_image = n_video = 0
+    for match in _PLACEHOLDER_RE.finditer(text):
+        pieces.append(text[position : match.start()])
+        if match.group() == IMAGE_TOKEN:
+            pieces.append(IMAGE_TOKEN * image_counts[n_image])
+            n_image += 1
+        else:
+            for seconds, pads in video_frames[n_video]:
+                pieces.append(f"<{seconds:.1f} seconds>{VISION_START}{VIDEO_TOKEN * pads}{VISION_END}")
+            n_video += 1
+        position = match.end()
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -554,7 +718,8 @@ def _eos_token_ids(folder: Path, tokenizer: Tokenizer, special_tokens: Mapping[s
 
 def load_processor(path: str | Path) -> Processor:
     """Build the Processor from a checkpoint folder (tokenizer.json, tokenizer_config.json, chat template,
-    generation_config.json), without transformers.
+    generation_config.json, and preprocessor_config.json / video_preprocessor_config.json for the image and
+    video processors, which fall back to the released values when absent), without transformers.
 
     Raises FileNotFoundError naming the folder and file when the folder, tokenizer.json or any chat template is
     missing.
@@ -578,4 +743,6 @@ def load_processor(path: str | Path) -> Processor:
         special_tokens=special_tokens,
         generation_config=_read_json(folder / GENERATION_CONFIG_FILE)
         if (folder / GENERATION_CONFIG_FILE).is_file() else {},
+        image_processor=ImageProcessor.from_pretrained(folder),
+        video_processor=VideoProcessor.from_pretrained(folder),
     )

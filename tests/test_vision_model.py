@@ -1,0 +1,445 @@
+"""The vision tower, 3-D positions and the multimodal forward, live against transformers on the tiny checkpoints.
+
+The tiny tower (tests/reference.py): depth 2, hidden 32, 2 heads (head_dim 16), an 8x8 learned position grid, patch
+16, temporal patch 2, merge 2, out_hidden 64; special ids image 498, video 499, vision start 500, vision end 501.
+Pixel values are random arrays of the processor's shape [patches, 3*2*16*16], fed identically to both sides.
+
+Checks that need torch/transformers skip without them (CI runs strict, where a skip fails); the others (frame
+independence, the spec's position example, error messages, text-only loading) also run on the committed fixtures.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import KINDS, reference_available
+from reference import SPECIAL_IDS
+
+from mlx_qwen36 import ModelConfig, load_model
+from mlx_qwen36 import vision as vision_module
+from mlx_qwen36.positions import get_rope_index, text_position_ids
+
+IMG, VID, VS, VE = (SPECIAL_IDS[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                               "vision_end_token_id"))
+PATCH = 3 * 2 * 16 * 16
+TOWER_TOL = 1e-4
+LOGIT_TOL = 1e-4
+
+
+def requires_reference():
+    if not reference_available():
+        pytest.skip("torch and transformers are not installed (reference extra): cannot compare with transformers")
+
+
+def pixels(grids, seed: int = 0) -> np.ndarray:
+    n = sum(t * h * w for t, h, w in grids)
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, PATCH)).astype(np.float32)
+
+
+def pads(grid, token: int) -> list[int]:
+    t, h, w = grid
+    return [token] * (h * w // 4)
+
+
+def text(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(100 + seed).integers(0, 490, size=n).tolist()
+
+
+def image_prompt(grid) -> list[int]:
+    return [VS, *pads(grid, IMG), VE]
+
+
+def video_prompt(grid, seed: int = 0) -> list[int]:
+    """Per frame pair: a 'timestamp' text token, then <vs> pads <ve> (the Qwen3.6 video expansion)."""
+    t, h, w = grid
+    out = []
+    for k in range(t):
+        out += [*text(1, seed + k), VS, *pads((1, h, w), VID), VE]
+    return out
+
+
+IMAGE_GRIDS = [(1, 4, 6), (1, 6, 10)]
+VIDEO_GRID = (3, 4, 4)
+
+
+def mixed_prompt() -> list[int]:
+    """Text, an image, text, a second image, text, a 3-frame video, text."""
+    return (text(3, 0) + image_prompt(IMAGE_GRIDS[0]) + text(4, 1) + image_prompt(IMAGE_GRIDS[1]) + text(2, 2)
+            + video_prompt(VIDEO_GRID, 3) + text(5, 4))
+
+
+@pytest.fixture(scope="module")
+def config(tiny) -> ModelConfig:
+    return ModelConfig.from_file(tiny["moe"]["hf"] / "config.json")
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    return {kind: load_model(tiny[kind]["hf"]) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def theirs(tiny):
+    requires_reference()
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return {kind: AutoModelForImageTextToText.from_pretrained(tiny[kind]["hf"], dtype=torch.float32).eval()
+            for kind in KINDS}
+
+
+def hf_tower(model, pv: np.ndarray, grids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model.model.visual(torch.from_numpy(pv), grid_thw=torch.tensor(grids, dtype=torch.long))
+    return out.pooler_output.numpy()
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tower
+
+
+TOWER_CASES = {
+    "one image": [(1, 4, 6)],
+    "two images of different sizes": [(1, 4, 6), (1, 12, 10)],
+    "video t=3": [(3, 4, 4)],
+    "image, video, image": [(1, 2, 2), (3, 6, 4), (1, 16, 18)],
+}
+
+
+@pytest.mark.parametrize("case", list(TOWER_CASES))
+def test_tower_matches_transformers(ours, theirs, case):
+    grids = TOWER_CASES[case]
+    pv = pixels(grids)
+    got = np.array(ours["moe"].visual(mx.array(pv), mx.array(grids)))
+    want = hf_tower(theirs["moe"], pv, grids)
+    assert got.shape == want.shape == (sum(t * h * w for t, h, w in grids) // 4, 64)
+    diff = max_diff(got, want)
+    assert diff <= TOWER_TOL, f"{case}: tower max abs diff {diff:.3g} (scale {np.abs(want).max():.3g})"
+
+
+def test_tower_batches_frames_like_single_segments(ours, monkeypatch):
+    """Batched equal-length frames give what one SDPA call per frame gives."""
+    grids = [(4, 4, 6), (1, 4, 6), (2, 2, 2)]
+    pv = mx.array(pixels(grids, seed=3))
+    tower = ours["moe"].visual
+    assert [r[2] for r in tower.attention_runs(np.array(grids))] == [5, 2]
+    batched = tower(pv, grids)
+    monkeypatch.setattr(vision_module, "ATTENTION_BATCH_ELEMENTS", 1)
+    assert [r[2] for r in tower.attention_runs(np.array(grids))] == [1] * 7
+    assert max_diff(batched, tower(pv, grids)) <= 1e-6
+
+
+def test_frames_do_not_attend_to_each_other(ours):
+    """Changing frame 1 of a video (or a second image) leaves every other frame's features unchanged."""
+    tower = ours["moe"].visual
+    grids = [(3, 4, 4), (1, 4, 6)]
+    pv = pixels(grids)
+    base = np.array(tower(mx.array(pv), grids))
+    frame = 4 * 4
+    changed = pv.copy()
+    changed[frame:2 * frame] = np.random.default_rng(9).uniform(-1, 1, size=(frame, PATCH))
+    out = np.array(tower(mx.array(changed), grids))
+    per = frame // 4
+    assert np.array_equal(out[:per], base[:per]), "frame 0 changed when frame 1 did"
+    assert np.array_equal(out[2 * per:], base[2 * per:]), "frame 2 or the image changed when frame 1 did"
+    assert max_diff(out[per:2 * per], base[per:2 * per]) > 1e-3, "frame 1's own features did not change"
+
+
+def test_tower_rejects_bad_grids(ours):
+    tower = ours["moe"].visual
+    with pytest.raises(ValueError, match="describes 24"):
+        tower(mx.array(pixels([(1, 4, 4)])), [(1, 4, 6)])
+    with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
+        tower(mx.array(pixels([(1, 3, 4)])), [(1, 3, 4)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions
+
+
+def test_spec_example_positions(config):
+    """ARCHITECTURE.md §7: [t t VS img×6 (grid 1×4×6) VE t t t]."""
+    ids = [[5, 6, VS, *[IMG] * 6, VE, 7, 8, 9]]
+    pos, delta = get_rope_index(mx.array(ids), [[1, 4, 6]], None, config)
+    assert np.array(pos[0, 0]).tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8, 9]
+    assert np.array(pos[1, 0]).tolist() == [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8, 9]
+    assert np.array(pos[2, 0]).tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9]
+    assert np.array(delta).tolist() == [-3]
+
+
+def test_text_only_positions(config):
+    pos, delta = get_rope_index(mx.array([[1, 2, 3, 4]]), None, None, config)
+    assert np.array(pos).tolist() == [[[0, 1, 2, 3]]] * 3
+    assert np.array(delta).tolist() == [0]
+    assert np.array(text_position_ids(7, 2, mx.array([-3, 0]))).tolist() == [[[4, 5], [7, 8]]] * 3
+
+
+def hf_rope_index(model, ids: np.ndarray, image_grids, video_grids, mask=None):
+    import torch
+
+    types = np.where(ids == IMG, 1, np.where(ids == VID, 2, 0))
+    with torch.no_grad():
+        pos, delta = model.model.get_rope_index(
+            torch.from_numpy(ids.astype(np.int64)), mm_token_type_ids=torch.from_numpy(types),
+            image_grid_thw=None if image_grids is None else torch.tensor(image_grids),
+            video_grid_thw=None if video_grids is None else torch.tensor(video_grids),
+            attention_mask=None if mask is None else torch.from_numpy(mask))
+    return pos.numpy(), delta.numpy().reshape(-1)
+
+
+def test_rope_index_matches_transformers(config, theirs):
+    """Text + two images + a video in row 0, a video and an image after left padding in row 1."""
+    row0 = mixed_prompt()
+    row1 = text(2, 7) + video_prompt((2, 6, 4), 8) + text(3, 9) + image_prompt((1, 2, 2)) + text(2, 10)
+    T = max(len(row0), len(row1))
+    ids = np.zeros((2, T), dtype=np.int64)
+    mask = np.zeros((2, T), dtype=np.int64)
+    ids[0, T - len(row0):], mask[0, T - len(row0):] = row0, 1
+    ids[1, T - len(row1):], mask[1, T - len(row1):] = row1, 1
+    image_grids = [*IMAGE_GRIDS, (1, 2, 2)]
+    video_grids = [VIDEO_GRID, (2, 6, 4)]
+
+    pos, delta = get_rope_index(mx.array(ids), image_grids, video_grids, config, attention_mask=mx.array(mask))
+    want_pos, want_delta = hf_rope_index(theirs["moe"], ids, image_grids, video_grids, mask)
+    assert np.array_equal(np.array(pos), want_pos)
+    assert np.array(delta).tolist() == want_delta.tolist()
+
+    one = np.array([row0])
+    pos, delta = get_rope_index(one, IMAGE_GRIDS, [VIDEO_GRID], config)
+    want_pos, want_delta = hf_rope_index(theirs["moe"], one, IMAGE_GRIDS, [VIDEO_GRID])
+    assert np.array_equal(np.array(pos), want_pos)
+    assert np.array(delta).tolist() == want_delta.tolist() and want_delta[0] < 0
+
+
+def test_rope_index_rejects_unmatched_pads(config):
+    ids = mx.array([[1, VS, *[IMG] * 5, VE]])
+    with pytest.raises(ValueError, match="run of 5 <\\|image_pad\\|> tokens"):
+        get_rope_index(ids, [[1, 4, 6]], None, config)
+    with pytest.raises(ValueError, match="more <\\|video_pad\\|> tokens than video_grid_thw"):
+        get_rope_index(mx.array([[1, VID, 2]]), None, None, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The multimodal forward
+
+
+def mixed_inputs():
+    ids = np.array([mixed_prompt()], dtype=np.int32)
+    return ids, pixels(IMAGE_GRIDS, seed=1), pixels([VIDEO_GRID], seed=2)
+
+
+def hf_forward(model, ids, pv, pvv, image_grids=IMAGE_GRIDS, video_grids=(VIDEO_GRID,)):
+    """transformers' logits for the pixel inputs, plus the inputs_embeds and position_ids its language model got."""
+    import torch
+
+    seen = {}
+
+    def capture(_module, _args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().double().numpy()
+        seen["positions"] = kwargs["position_ids"].numpy()
+
+    types = np.where(ids == IMG, 1, np.where(ids == VID, 2, 0))
+    dtype = next(model.parameters()).dtype
+    hook = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), mm_token_type_ids=torch.from_numpy(types),
+                        pixel_values=torch.from_numpy(pv).to(dtype), image_grid_thw=torch.tensor(image_grids),
+                        pixel_values_videos=torch.from_numpy(pvv).to(dtype), video_grid_thw=torch.tensor(video_grids),
+                        use_cache=False)
+    finally:
+        hook.remove()
+    return out.logits.double().numpy(), seen["embeds"], seen["positions"]
+
+
+def our_logits(model, ids, pv, pvv) -> np.ndarray:
+    return np.array(model(mx.array(ids), pixel_values=mx.array(pv), image_grid_thw=IMAGE_GRIDS,
+                          pixel_values_videos=mx.array(pvv), video_grid_thw=[VIDEO_GRID]))
+
+
+@pytest.fixture(scope="module")
+def theirs_fp64(tiny):
+    """transformers in float64 (eager experts: grouped_mm has no float64): the exact reference for logits."""
+    requires_reference()
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return {kind: AutoModelForImageTextToText.from_pretrained(tiny[kind]["hf"], dtype=torch.float64,
+                                                              experts_implementation="eager").eval()
+            for kind in KINDS}
+
+
+# Our fp32 logits may sit at most this many times further from the float64 reference than transformers' own fp32
+# logits do (measured: 0.5x-2.5x on this prompt).
+FP32_ERROR_RATIO = 4.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multimodal_logits_match_transformers(ours, theirs, theirs_fp64, kind):
+    """Text + two images + a 3-frame video through `Model(input_ids, pixel_values=..., ...)` against
+    `Qwen3_5(Moe)ForConditionalGeneration` on the same arrays.
+
+    The multimodal plumbing is checked exactly: the embeddings after the vision rows are scattered (tower included)
+    to 1e-5 and the 3-D position ids bit for bit, against what transformers' language model receives. The logits
+    cannot be held to 1e-4 against transformers' fp32 on a 60-token prompt: this tiny random decoder amplifies fp32
+    rounding so much that transformers' own fp32 logits are 1-3e-4 away from its float64 ones (text-only prompts of
+    this length as well). They are compared with the float64 reference instead: ours must be about as close to it
+    as transformers' fp32 is.
+    """
+    ids, pv, pvv = mixed_inputs()
+    got = our_logits(ours[kind], ids, pv, pvv)
+    want, want_embeds, want_positions = hf_forward(theirs[kind], ids, pv, pvv)
+    exact, exact_embeds, _ = hf_forward(theirs_fp64[kind], ids, pv.astype(np.float64), pvv.astype(np.float64))
+
+    embeds, positions, delta = ours[kind].prepare_inputs(mx.array(ids), mx.array(pv), IMAGE_GRIDS, mx.array(pvv),
+                                                         [VIDEO_GRID])
+    assert np.array_equal(np.array(positions), want_positions)
+    vision_rows = (ids == IMG) | (ids == VID)
+    assert vision_rows.sum() == (24 + 60 + 48) // 4
+    assert max_diff(embeds, want_embeds) <= 1e-5
+    assert max_diff(np.array(embeds)[vision_rows], exact_embeds[vision_rows]) <= 1e-6
+
+    our_error, their_error = max_diff(got, exact), max_diff(want, exact)
+    assert our_error <= max(LOGIT_TOL, FP32_ERROR_RATIO * their_error), (
+        f"{kind}: logits {our_error:.3g} from the float64 reference; transformers' fp32 is {their_error:.3g} from it "
+        f"(ours vs transformers fp32: {max_diff(got, want):.3g})")
+    # The vision rows matter: the same prompt without pixels (pad embeddings, 1-D positions) differs.
+    assert max_diff(got, np.array(ours[kind](mx.array(ids)))) > 1e-2
+
+
+def test_decode_after_image_prefill(ours):
+    """Prefill a multimodal prompt into a cache, then decode text with position cache_len + rope_delta."""
+    model = ours["moe"]
+    ids, pv, pvv = mixed_inputs()
+    cont = np.array([text(4, 11)], dtype=np.int32)
+    full_ids = np.concatenate([ids, cont], axis=1)
+    full = np.array(model(mx.array(full_ids), pixel_values=mx.array(pv), image_grid_thw=IMAGE_GRIDS,
+                          pixel_values_videos=mx.array(pvv), video_grid_thw=[VIDEO_GRID]))
+
+    emb, pos, delta = model.prepare_inputs(mx.array(ids), mx.array(pv), IMAGE_GRIDS, mx.array(pvv), [VIDEO_GRID])
+    assert np.array(delta).tolist() == np.array(model.rope_deltas(mx.array(ids), IMAGE_GRIDS, [VIDEO_GRID])).tolist()
+    assert np.array(delta)[0] < 0
+    cache = model.make_cache()
+    last = np.array(model.prefill(mx.array(ids), cache, chunk_size=7, input_embeddings=emb, position_ids=pos))
+    T = ids.shape[1]
+    assert max_diff(last, full[:, T - 1]) <= 1e-4
+    for i in range(cont.shape[1]):
+        step_pos = text_position_ids(cache[0].offset, 1, delta)
+        logits = np.array(model(mx.array(cont[:, i:i + 1]), cache, position_ids=step_pos))
+        assert max_diff(logits[:, -1], full[:, T + i]) <= 1e-4, f"decode step {i}"
+
+
+def test_multimodal_prompt_continues_a_cache(ours):
+    """An image prompt after cached text (multi-turn): positions start at cache length + the cached delta."""
+    model = ours["moe"]
+    ids, pv, pvv = mixed_inputs()
+    full = our_logits(model, ids, pv, pvv)
+    split = 4  # text and the first <vision_start>, before the first image pad
+    cache = model.make_cache()
+    model(mx.array(ids[:, :split]), cache)
+    emb, pos, delta = model.prepare_inputs(mx.array(ids[:, split:]), mx.array(pv), IMAGE_GRIDS, mx.array(pvv),
+                                           [VIDEO_GRID], cache=cache)
+    assert np.array(delta).tolist() == np.array(model.rope_deltas(mx.array(ids), IMAGE_GRIDS, [VIDEO_GRID])).tolist()
+    rest = np.array(model(mx.array(ids[:, split:]), cache, position_ids=pos, input_embeddings=emb))
+    assert max_diff(rest, full[:, split:]) <= 1e-4
+
+
+def test_pad_count_mismatch_is_a_clear_error(ours):
+    model = ours["moe"]
+    ids = np.array([[1, VS, *[IMG] * 5, VE, 2]], dtype=np.int32)
+    with pytest.raises(ValueError, match=r"5 <\|image_pad\|> tokens but the image grids give 6 features"):
+        model(mx.array(ids), pixel_values=mx.array(pixels([(1, 4, 6)])), image_grid_thw=[(1, 4, 6)])
+    with pytest.raises(ValueError, match="without image_grid_thw"):
+        model(mx.array(ids), pixel_values=mx.array(pixels([(1, 4, 6)])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_text_only_load_has_no_tower(tiny, ours):
+    text_only = load_model(tiny["moe"]["release"], text_only=True)
+    assert "visual" not in text_only
+    from mlx.utils import tree_flatten
+
+    assert not any(k.startswith("visual.") for k, _ in tree_flatten(text_only.parameters()))
+    ids, pv, _ = mixed_inputs()
+    with pytest.raises(ValueError, match="without its vision tower"):
+        text_only(mx.array(ids), pixel_values=mx.array(pv), image_grid_thw=IMAGE_GRIDS)
+    # Text logits do not depend on whether the tower was loaded.
+    full = load_model(tiny["moe"]["release"])
+    assert "visual" in full
+    x = mx.array(tiny["moe"]["golden"]["input_ids"])
+    assert mx.array_equal(full(x), text_only(x)).item()
+
+
+def test_tower_weights_are_loaded_and_validated(tiny, ours, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_qwen36 import CheckpointError
+
+    model = ours["moe"]
+    w = np.array(model.visual.patch_embed.proj.weight)
+    hf = load_file(str(next(tiny["moe"]["hf"].glob("*.safetensors"))))
+    assert np.array_equal(w, hf["model.visual.patch_embed.proj.weight"].transpose(0, 2, 3, 4, 1))
+    assert np.array_equal(np.array(model.visual.pos_embed.weight), hf["model.visual.pos_embed.weight"])
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["moe"]["hf"], bad)
+    shard = next(bad.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    tensors["model.visual.merger.linear_fc2.weight"] = np.zeros((64, 100), dtype=np.float32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*visual\.merger\.linear_fc2\.weight"):
+        load_model(bad)
+    assert "visual" not in load_model(bad, text_only=True)
+
+
+def write_tiny_tokenizer(dest) -> None:
+    """mlx_vlm.convert loads a tokenizer; the logits do not depend on it."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(dest / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t497", "unk_token": "t0"}
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_mlx_layout_towers_load(tiny, ours, tmp_path):
+    """`vision_tower.*` from our converter and from mlx-vlm loads as `visual.*` and gives the same features; mlx-vlm's
+    own tower agrees on its checkpoint."""
+    import shutil
+
+    from mlx_qwen36.convert import convert
+
+    grids = [(1, 4, 6), (2, 4, 4)]
+    pv = mx.array(pixels(grids, seed=5))
+    want = np.array(ours["moe"].visual(pv, grids))
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny["moe"]["hf"], src)
+    write_tiny_tokenizer(src)
+    convert(src, tmp_path / "ours", dtype="float32")
+    mine = load_model(tmp_path / "ours")
+    assert max_diff(mine.visual(pv, grids), want) <= 1e-6
+
+    mlx_vlm = pytest.importorskip("mlx_vlm", reason="mlx-vlm is not installed (reference extra)")
+    from mlx_vlm.utils import load_model as vlm_load_model
+
+    mlx_vlm.convert(str(src), str(tmp_path / "mlx-vlm"), dtype="float32")
+    loaded = load_model(tmp_path / "mlx-vlm")
+    assert max_diff(loaded.visual(pv, grids), want) <= 1e-6
+    theirs_tower = vlm_load_model(tmp_path / "mlx-vlm").vision_tower
+    assert max_diff(theirs_tower(pv, mx.array(grids))[0], want) <= 1e-5
