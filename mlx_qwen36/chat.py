@@ -29,7 +29,7 @@ HELP = """commands:
   /save PATH           save the conversation's prompt cache
   /load PATH           load a saved prompt cache
   /stats               statistics of the last answer
-  /image PATH, /video PATH   attach media (needs a model build with the vision tower)
+  /image PATH, /video PATH   attach an image or a video to the next message
   /help                this list
   /quit                leave (Ctrl-D too)
 A line ending in \\ continues on the next line; Ctrl-C stops an answer."""
@@ -50,6 +50,7 @@ class Session:
     messages: list[dict] = field(default_factory=list)
     cache: PromptCache | None = None
     last: GenerationChunk | None = None
+    attachments: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.reset()
@@ -65,8 +66,10 @@ class Session:
         self.out.flush()
 
     def ask(self, text: str) -> None:
-        """Send a user message and stream the answer."""
-        self.messages.append({"role": "user", "content": text})
+        """Send a user message (with any attached media) and stream the answer."""
+        content: str | list[dict] = [*self.attachments, {"type": "text", "text": text}] if self.attachments else text
+        self.attachments = []
+        self.messages.append({"role": "user", "content": content})
         self.last = None
         parts = {"reasoning": [], "content": []}
         calls: list[dict] = []
@@ -89,8 +92,8 @@ class Session:
                     self.write(f"\n[tool call] {call.name}({call.arguments_json()})\n")
         except KeyboardInterrupt:
             self.write("\n[interrupted]")
-        except ValueError:
-            self.messages.pop()  # the message was refused (e.g. too long): it is not part of the conversation
+        except (ValueError, ImportError):
+            self.messages.pop()  # the message was refused (too long, unreadable media): not part of the conversation
             raise
         reply = {"role": "assistant", "content": "".join(parts["content"]),
                  "reasoning_content": "".join(parts["reasoning"])}
@@ -108,6 +111,16 @@ class Session:
         return (f"[{c.prompt_tokens} prompt tokens ({c.cached_tokens} cached), {c.prompt_tps:.1f} tok/s prefill | "
                 f"{c.generation_tokens} tokens, {c.generation_tps:.1f} tok/s | peak {c.peak_memory_gb:.2f} GB | "
                 f"{c.finish_reason or 'interrupted'}]")
+
+    def attach(self, kind: str, path: Path) -> None:
+        """Queue an image or video for the next message (checked now, so a typo is caught before asking)."""
+        if not getattr(self.model, "has_vision", False):
+            self.write(f"error: this model was loaded without its vision tower; /{kind} is not available\n")
+        elif not path.is_file():
+            self.write(f"error: no such file: {path}\n")
+        else:
+            self.attachments.append({"type": f"{kind}_url", f"{kind}_url": {"url": str(path)}})
+            self.write(f"attached {kind} {path.name}; it goes with your next message\n")
 
     def command(self, line: str) -> bool:
         """Run a /command; returns False when the session should end."""
@@ -142,8 +155,8 @@ class Session:
                 self.write(f"loaded a prompt cache of {len(self.cache.tokens)} tokens\n")
             except (PromptCacheError, FileNotFoundError) as e:
                 self.write(f"error: {e}\n")
-        elif name in ("/image", "/video"):
-            self.write(f"error: {name} needs the vision tower, which this model build does not have\n")
+        elif name in ("/image", "/video") and arg:
+            self.attach(name[1:], Path(arg).expanduser())
         else:
             self.write(f"unknown command or missing argument: {line} (try /help)\n")
         return True
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
             else:
                 session.ask(line)
-        except (ValueError, OSError) as e:
+        except (ValueError, ImportError, OSError) as e:
             print(f"error: {e}")
 
 

@@ -20,6 +20,8 @@ from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .detokenizer import StreamingDetokenizer
 from .model import DEFAULT_PREFILL_CHUNK, Model
+from .multimodal import MediaPrompt, collect_media, embed, media_prompt, with_media
+from .positions import text_position_ids
 from .prompt_cache import IM_START, PromptCache
 from .sampling import Sampler, SamplingParams, from_generation_config, preset
 from .tool_parser import CONTENT, REASONING, TOOL_CALL, Event, StreamParser, ToolCall, initial_phase
@@ -103,31 +105,50 @@ def build_prompt(processor: Any, prompt: str | Sequence[Any], tools: Sequence[di
     return processor.encode(text), text
 
 
-def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], logits: bool) -> mx.array:
-    """Push tokens through the cache; on any interruption roll the cache back to before them."""
+def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], logits: bool, keys: list[int] | None = None,
+                 embeddings: mx.array | None = None, position_ids: mx.array | None = None) -> mx.array:
+    """Push tokens through the cache; on any interruption roll the cache back to before them.
+
+    `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys).
+    """
     before = snapshot_cache(pc.cache)
     try:
         x = mx.array([tokens])
-        out = model(x, pc.cache)[:, -1] if logits else model.model(x, pc.cache)
+        if logits:
+            out = model(x, pc.cache, position_ids=position_ids, input_embeddings=embeddings)[:, -1]
+        else:
+            out = model.model(x, pc.cache, position_ids, embeddings)
         mx.eval(out, [c.state for c in pc.cache])
     except BaseException:
         restore_cache(pc.cache, before)
         raise
-    pc.record(tokens)
+    pc.record(keys if keys is not None else tokens)
     return out
 
 
-def prefill(model: Model, pc: PromptCache, prompt: list[int], start: int, chunk_size: int) -> mx.array:
-    """Prefill prompt[start:] in chunks that end on message boundaries (snapshotted); returns the last logits."""
+def prefill(model: Model, pc: PromptCache, prompt: list[int], start: int, chunk_size: int,
+            media: MediaPrompt | None = None) -> mx.array:
+    """Prefill prompt[start:] in chunks that end on message boundaries (snapshotted); returns the last logits.
+
+    With media, the chunks take their input embeddings (vision features scattered in) and 3-D positions.
+    """
     boundaries = {p for p in range(start + 1, len(prompt)) if prompt[p] == IM_START}
+    emb = embed(model, media, start, pc.features) if media is not None else None
+    keys = media.keys if media is not None else prompt
+
+    def step(a: int, b: int, logits: bool) -> mx.array:
+        extra = {} if media is None else {"embeddings": emb[:, a - start: b - start],
+                                          "position_ids": media.position_ids[:, :, a:b]}
+        return _atomic_step(model, pc, prompt[a:b], logits, keys[a:b], **extra)
+
     pos = start
     while pos < len(prompt) - 1:
         end = min(pos + chunk_size, len(prompt) - 1, min((b for b in boundaries if b > pos), default=len(prompt)))
-        _atomic_step(model, pc, prompt[pos:end], logits=False)
+        step(pos, end, logits=False)
         if end in boundaries:
             pc.mark()
         pos = end
-    return _atomic_step(model, pc, prompt[-1:], logits=True)
+    return step(len(prompt) - 1, len(prompt), logits=True)
 
 
 def stream_generate(
@@ -156,14 +177,22 @@ def stream_generate(
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, streaming a `GenerationChunk` per sampled token and a final chunk with `finish_reason`
     ("stop", "length" or "tool_calls") and the statistics. `temperature=0` is greedy."""
-    if images or videos:
-        raise ValueError("images and videos need the vision tower, which this model build does not have")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     params = sampling_params(processor, preset, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              repetition_penalty=repetition_penalty, seed=seed)
+    if images or videos:
+        if not isinstance(prompt_or_messages, str):
+            raise ValueError("images= and videos= go with a string prompt; in messages, use image_url/video_url parts")
+        prompt_or_messages = with_media(prompt_or_messages, images, videos)
     ids, text = build_prompt(processor, prompt_or_messages, tools, enable_thinking, preserve_thinking)
+    media = None
+    if not isinstance(prompt_or_messages, str) and not all(isinstance(t, int) for t in prompt_or_messages):
+        found_images, found_videos = collect_media(prompt_or_messages)
+        if found_images or found_videos:
+            media = media_prompt(model, processor, text, found_images, found_videos)
+            ids = media.ids
     vocab = model.config.text.vocab_size
     if max(ids, default=0) >= vocab or min(ids, default=0) < 0:
         bad = next(t for t in ids if not 0 <= t < vocab)
@@ -173,16 +202,18 @@ def stream_generate(
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
     pc = prompt_cache if prompt_cache is not None else PromptCache(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    yield from _generate(model, processor, pc, ids, text, params, tools, max_tokens, stops, prefill_chunk_size)
+    yield from _generate(model, processor, pc, ids, text, params, tools, max_tokens, stops, prefill_chunk_size,
+                         media)
 
 
 def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], text: str, params: SamplingParams,
               tools: Sequence[dict] | None, max_tokens: int, stops: list[str], chunk_size: int,
-              ) -> Iterator[GenerationChunk]:
+              media: MediaPrompt | None) -> Iterator[GenerationChunk]:
     mx.reset_peak_memory()
     start = time.perf_counter()
-    cached = pc.reuse(model, ids)
-    logits = prefill(model, pc, ids, cached, chunk_size)
+    cached = pc.reuse(model, media.keys if media is not None else ids)
+    logits = prefill(model, pc, ids, cached, chunk_size, media)
+    rope_delta = media.rope_delta if media is not None else 0
     pc.mark()
     prompt_time = time.perf_counter() - start
     stats = {"prompt_tokens": len(ids), "cached_tokens": cached,
@@ -228,7 +259,8 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
                 break
             if len(generated) == min(max_tokens, room):
                 break
-            logits = _atomic_step(model, pc, [token], logits=True)
+            positions = text_position_ids(len(pc.tokens), 1, rope_delta) if rope_delta else None
+            logits = _atomic_step(model, pc, [token], logits=True, position_ids=positions)
         events = []
         if not stopped_by_string:
             tail, stopped_by_string = stopper.feed(detok.finalize())

@@ -19,6 +19,7 @@ from .cache import GDNCache
 from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .model import Model
+from .multimodal import FeatureCache
 
 IM_START = 248045
 MAX_SNAPSHOTS = 16
@@ -43,6 +44,7 @@ class PromptCache:
         self.cache = model.make_cache()
         self.tokens: list[int] = []
         self.snapshots: dict[int, list[Any]] = {0: snapshot_cache(self.cache)}
+        self.features = FeatureCache()  # vision features of this conversation's images, by content hash
 
     def _check(self, model: Model) -> None:
         if model_fingerprint(model) != self.fingerprint:

@@ -7,6 +7,7 @@ holding at most one shard in memory. Used by the loading-memory measurement, the
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,44 @@ PRESETS: dict[str, dict[str, Any]] = {
         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     },
 }
+
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "real": {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
+             "num_position_embeddings": 2304},
+    "tiny": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "num_position_embeddings": 64},
+}
+
+
+def vision_config(preset: str, out_hidden_size: int) -> dict[str, Any]:
+    """A vision_config for a preset ("real" is the released tower), projecting to the text hidden size."""
+    return {"model_type": "qwen3_5_moe_vision", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+            "in_channels": 3, "hidden_act": "gelu_pytorch_tanh", "out_hidden_size": out_hidden_size,
+            "deepstack_visual_indexes": [], **VISION_PRESETS[preset]}
+
+
+def vision_shapes(v: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The tower's tensors as the release names them (`model.visual.*`)."""
+    h, inter, p, t = v["hidden_size"], v["intermediate_size"], v["patch_size"], v["temporal_patch_size"]
+    merged = h * v["spatial_merge_size"] ** 2
+    yield "model.visual.patch_embed.proj.weight", (h, v["in_channels"], t, p, p)
+    yield "model.visual.patch_embed.proj.bias", (h,)
+    yield "model.visual.pos_embed.weight", (v["num_position_embeddings"], h)
+    for i in range(v["depth"]):
+        b = f"model.visual.blocks.{i}."
+        for n in ("norm1", "norm2"):
+            yield f"{b}{n}.weight", (h,)
+            yield f"{b}{n}.bias", (h,)
+        for n, shape in (("attn.qkv", (3 * h, h)), ("attn.proj", (h, h)), ("mlp.linear_fc1", (inter, h)),
+                         ("mlp.linear_fc2", (h, inter))):
+            yield f"{b}{n}.weight", shape
+            yield f"{b}{n}.bias", (shape[0],)
+    yield "model.visual.merger.norm.weight", (h,)
+    yield "model.visual.merger.norm.bias", (h,)
+    yield "model.visual.merger.linear_fc1.weight", (merged, merged)
+    yield "model.visual.merger.linear_fc1.bias", (merged,)
+    yield "model.visual.merger.linear_fc2.weight", (v["out_hidden_size"], merged)
+    yield "model.visual.merger.linear_fc2.bias", (v["out_hidden_size"],)
 
 
 def text_config(preset: str = "one-block", **overrides: Any) -> dict[str, Any]:
@@ -123,6 +162,9 @@ def tensor_shapes(cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 
 def random_tensor(name: str, shape: tuple[int, ...], dtype: mx.Dtype, scale: float = 1.0) -> mx.array:
+    if name.startswith("model.visual.") and name.endswith((".bias", "norm1.weight", "norm2.weight", "norm.weight")):
+        base = 1.0 if name.endswith("weight") else 0.0  # LayerNorms: weight ~1, biases ~0
+        return (base + 0.02 * mx.random.normal(shape)).astype(dtype)
     if name.endswith("A_log"):
         return mx.log(mx.random.uniform(1.0, 16.0, shape)).astype(dtype)
     if name.endswith(("norm.weight", "dt_bias")):
@@ -136,14 +178,15 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: mx.Dtype, scale: flo
 
 def write_checkpoint(out: str | Path, cfg: dict[str, Any], dtype: mx.Dtype = mx.bfloat16,
                      shard_bytes: int = 2 << 30, seed: int = 0, weight_scale: float = 1.0,
-                     predictable: bool = False) -> Path:
+                     predictable: bool = False, vision: dict[str, Any] | None = None) -> Path:
     """Write config.json, sharded safetensors and the index; returns the folder.
 
-    `weight_scale` < 1 shrinks the layers' matmul weights relative to the residual stream: random networks at full
-    scale are chaotic (bf16 rounding alone flips a quarter of their top-1 tokens), which says nothing about how a
-    trained model tolerates quantization; damped ones behave more like trained ones. `predictable` makes lm_head
-    the embedding shifted by one row, so token t strongly predicts t+1: next-token distributions are then peaked
-    like a trained model's, and greedy decoding has margins that quantization noise should not flip.
+    `vision` (a `vision_config`) adds the vision tower's tensors and config. `weight_scale` < 1 shrinks the layers'
+    matmul weights relative to the residual stream: random networks at full scale are chaotic (bf16 rounding alone
+    flips a quarter of their top-1 tokens), which says nothing about how a trained model tolerates quantization;
+    damped ones behave more like trained ones. `predictable` makes lm_head the embedding shifted by one row, so
+    token t strongly predicts t+1: next-token distributions are then peaked like a trained model's, and greedy
+    decoding has margins that quantization noise should not flip.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +194,7 @@ def write_checkpoint(out: str | Path, cfg: dict[str, Any], dtype: mx.Dtype = mx.
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     embed = None
-    for name, shape in tensor_shapes(cfg):
+    for name, shape in itertools.chain(tensor_shapes(cfg), vision_shapes(vision) if vision else ()):
         if predictable and name == "lm_head.weight":
             t = mx.roll(embed, 1, axis=0) * cfg["hidden_size"] ** -0.5
         elif predictable and name.endswith("embed_tokens.weight"):
@@ -176,6 +219,7 @@ def write_checkpoint(out: str | Path, cfg: dict[str, Any], dtype: mx.Dtype = mx.
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}, indent=1))
     config = {"model_type": "qwen3_5_moe" if cfg.get("num_experts") else "qwen3_5", "text_config": cfg,
+              **({"vision_config": vision} if vision else {}),
               "architectures": ["Qwen3_5MoeForConditionalGeneration" if cfg.get("num_experts")
                                 else "Qwen3_5ForConditionalGeneration"]}
     (out / "config.json").write_text(json.dumps(config, indent=2))

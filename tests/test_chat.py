@@ -56,7 +56,7 @@ def test_commands(session, tmp_path):
     session.command("/image cat.png")
     session.command("/bogus")
     out = session.out.getvalue()
-    assert "error:" in out and "needs the vision tower" in out and "unknown command" in out
+    assert "error:" in out and "without its vision tower" in out and "unknown command" in out
     assert session.command("/quit") is False
 
 

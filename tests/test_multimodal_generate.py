@@ -1,0 +1,148 @@
+"""Images and videos through the generator and the chat: prompts, cached features, prompt-cache reuse, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizer_fixture import qwen36_processor_dir_or_skip
+
+import mlx_qwen36.generator as gen
+import mlx_qwen36.multimodal as mm
+from mlx_qwen36 import generate, load, make_prompt_cache, synthetic
+from mlx_qwen36.chat import Session
+
+SMALL = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
+         "image_std": [0.5] * 3}
+
+
+@pytest.fixture(scope="module")
+def vl_dir(shared_dir, tmp_path_factory) -> Path:
+    """A tiny random vision-language model with the real vocabulary, tokenizer and template, small pixel budgets."""
+    out = tmp_path_factory.mktemp("vl") / "tiny-vl"
+    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32,
+                               vision=synthetic.vision_config("tiny", 64))
+    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}, **SMALL}))
+    (out / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 64 * 64, "longest_edge": 4 * 128 * 128}, **SMALL}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vl(vl_dir):
+    return load(vl_dir)
+
+
+def image(seed: int, size=(150, 100)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def frames(seed: int, n: int = 6) -> dict:
+    return {"frames": [image(seed + i, (64, 64)) for i in range(n)], "fps": 2}
+
+
+def user(text: str, *media: dict) -> dict:
+    return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
+
+
+def image_part(im) -> dict:
+    return {"type": "image_url", "image_url": {"url": im}}
+
+
+def first_logits(model, processor, messages, pc) -> tuple[np.ndarray, int]:
+    ids, text = gen.build_prompt(processor, messages, None, True, False)
+    media = mm.media_prompt(model, processor, text, *mm.collect_media(messages))
+    cached = pc.reuse(model, media.keys)
+    return np.array(gen.prefill(model, pc, media.ids, cached, 5, media)), cached
+
+
+def test_images_and_video_in_one_prompt(vl):
+    model, processor = vl
+    r = generate(model, processor, "Compare them", images=[image(0), image(1, (64, 200))],
+                 videos=[frames(10)], max_tokens=4, temperature=0)
+    assert r.finish_reason == "length" and len(r.tokens) == 4
+    text = processor.decode(mm.media_prompt(model, processor, processor.apply_chat_template(
+        [user("x", image_part(image(0)), {"type": "video", "video": frames(10)})], tokenize=False),
+        [image(0)], [frames(10)]).ids)
+    assert text.count(" seconds>") == 3 and "<2.2 seconds>" in text  # 6 frames at 2 fps: 3 pairs
+    assert text.count("<|vision_start|>") == 1 + 3
+
+
+def test_later_turns_reuse_the_image_state_and_its_features(vl, monkeypatch):
+    model, processor = vl
+    calls = []
+    real = model.visual.__call__
+    monkeypatch.setattr(type(model.visual), "__call__", lambda self, *a: calls.append(1) or real(*a))
+    pc = make_prompt_cache(model)
+    messages = [user("What is this?", image_part(image(3)))]
+    first = generate(model, processor, messages, max_tokens=3, temperature=0, prompt_cache=pc)
+    messages += [{"role": "assistant", "content": first.content}, user("And now?")]
+    reused, cached = first_logits(model, processor, messages, pc)
+    fresh, none = first_logits(model, processor, messages, make_prompt_cache(model))
+    ids, text = gen.build_prompt(processor, messages, None, True, False)
+    ids = mm.media_prompt(model, processor, text, *mm.collect_media(messages)).ids
+    assistant_turn = [i for i, t in enumerate(ids) if t == processor.token_id("<|im_start|>")][1]
+    assert none == 0 and cached == assistant_turn  # the whole first user turn, image included
+    assert np.abs(reused - fresh).max() <= 1e-5
+    assert len(calls) == 2  # once for the conversation, once for the fresh cache; never again for reuse
+
+
+def test_another_image_is_not_served_from_the_cache(vl):
+    model, processor = vl
+    pc = make_prompt_cache(model)
+    generate(model, processor, [user("Look", image_part(image(4)))], max_tokens=2, temperature=0, prompt_cache=pc)
+    messages = [user("Look", image_part(image(5)))]
+    reused, cached = first_logits(model, processor, messages, pc)
+    fresh, _ = first_logits(model, processor, messages, make_prompt_cache(model))
+    start = processor.encode("<|im_start|>user\n<|vision_start|>")
+    assert cached <= len(start)
+    assert np.abs(reused - fresh).max() <= 1e-5
+
+
+def test_chunked_prefill_with_images_equals_one_chunk(vl):
+    model, processor = vl
+    messages = [user("Describe", image_part(image(6)))]
+    ids, text = gen.build_prompt(processor, messages, None, True, False)
+    media = mm.media_prompt(model, processor, text, *mm.collect_media(messages))
+    small = gen.prefill(model, make_prompt_cache(model), media.ids, 0, 3, media)
+    whole = model(mx.array([media.ids]), position_ids=media.position_ids,
+                  input_embeddings=mm.embed(model, media, 0, mm.FeatureCache()))[:, -1]
+    assert np.abs(np.array(small) - np.array(whole)).max() <= 1e-5
+
+
+def test_text_only_model_refuses_media(vl_dir):
+    model, processor = load(vl_dir, text_only=True)
+    assert "visual" not in model
+    with pytest.raises(ValueError, match="without its vision tower"):
+        generate(model, processor, "hi", images=[image(0)], max_tokens=2)
+
+
+def test_unreadable_image_is_a_clear_error(vl, tmp_path):
+    model, processor = vl
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="broken.png"):
+        generate(model, processor, "hi", images=[str(bad)], max_tokens=2)
+
+
+def test_chat_attaches_media_to_the_next_message(vl, tmp_path):
+    model, processor = vl
+    path = tmp_path / "cat.png"
+    image(7).save(path)
+    session = Session(model, processor, {"temperature": 0}, max_tokens=3, out=io.StringIO())
+    session.command(f"/image {path}")
+    session.command(f"/image {tmp_path / 'missing.png'}")
+    session.ask("What is it?")
+    assert session.messages[0]["content"][0] == {"type": "image_url", "image_url": {"url": str(path)}}
+    assert session.attachments == []
+    assert "no such file" in session.out.getvalue() and session.last.finish_reason == "length"
