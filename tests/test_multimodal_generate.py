@@ -135,10 +135,23 @@ def test_unreadable_image_is_a_clear_error(vl, tmp_path):
         generate(model, processor, "hi", images=[str(bad)], max_tokens=2)
 
 
-def test_chat_attaches_media_to_the_next_message(vl, tmp_path):
+def write_video(path: Path, n: int = 8, fps: int = 4) -> Path:
+    av = pytest.importorskip("av", reason="PyAV is not installed")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_image(image(20 + i, (64, 64)))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_chat_with_an_image_and_a_video(vl, tmp_path):
     model, processor = vl
     path = tmp_path / "cat.png"
     image(7).save(path)
+    clip = write_video(tmp_path / "clip.mp4")
     session = Session(model, processor, {"temperature": 0}, max_tokens=3, out=io.StringIO())
     session.command(f"/image {path}")
     session.command(f"/image {tmp_path / 'missing.png'}")
@@ -146,3 +159,7 @@ def test_chat_attaches_media_to_the_next_message(vl, tmp_path):
     assert session.messages[0]["content"][0] == {"type": "image_url", "image_url": {"url": str(path)}}
     assert session.attachments == []
     assert "no such file" in session.out.getvalue() and session.last.finish_reason == "length"
+    session.command(f"/video {clip}")
+    session.ask("And this clip?")
+    assert session.messages[2]["content"][0] == {"type": "video_url", "video_url": {"url": str(clip)}}
+    assert session.last.finish_reason == "length" and session.last.cached_tokens > 0
