@@ -7,23 +7,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import mlx.core as mx
 import pytest
-from tokenizer_fixture import qwen36_processor_dir_or_skip
 
-from mlx_qwen36 import load, synthetic
+from mlx_qwen36 import load
 from mlx_qwen36.chat import Session
-
-
-@pytest.fixture(scope="module")
-def chat_dir(shared_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chat") / "tiny-moe"
-    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32)
-    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture

@@ -9,34 +9,22 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from tokenizer_fixture import qwen36_processor_dir_or_skip
 
-from mlx_qwen36 import load, synthetic
+from mlx_qwen36 import load
 from mlx_qwen36.tool_parser import ToolCall
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(scope="module")
-def model_dir(shared_dir, tmp_path_factory) -> Path:
-    """A tiny random MoE model with the real vocabulary size, and the real Qwen3.6 tokenizer and template."""
-    out = tmp_path_factory.mktemp("examples") / "tiny-moe"
-    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32)
-    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture
-def model_env(model_dir, monkeypatch) -> dict[str, str]:
-    monkeypatch.setenv("MLX_QWEN36_MODEL", str(model_dir))
+def model_env(chat_dir, monkeypatch) -> dict[str, str]:
+    monkeypatch.setenv("MLX_QWEN36_MODEL", str(chat_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return dict(os.environ)
 
@@ -94,14 +82,14 @@ class Scripted:
     def make_cache(self):
         return self.real.make_cache()
 
-    def __call__(self, x, cache=None):
-        self.real(x, cache)
+    def __call__(self, x, cache=None, **kwargs):
+        self.real(x, cache, **kwargs)
         nxt = self.tokens.pop(0) if self.tokens else 0
         return mx.zeros((1, x.shape[1], self.config.text.vocab_size)).at[:, -1, nxt].add(100.0)
 
 
-def test_tool_loop_runs_tools_and_reuses_cache(stream_tools, model_dir):
-    model, processor = load(model_dir)
+def test_tool_loop_runs_tools_and_reuses_cache(stream_tools, chat_dir):
+    model, processor = load(chat_dir)
     end = processor.token_id("<|im_end|>")
     call = ("Need the weather.</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
             "</parameter>\n</function>\n</tool_call>")

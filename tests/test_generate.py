@@ -3,31 +3,17 @@ equal to a full recompute, saving caches, and interruption safety."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from tokenizer_fixture import qwen36_processor_dir_or_skip
 
 import mlx_qwen36.generator as gen
-from mlx_qwen36 import generate, load_model, make_prompt_cache, stream_generate, synthetic
+from mlx_qwen36 import generate, load_model, make_prompt_cache, stream_generate
 from mlx_qwen36.processor import load_processor
 from mlx_qwen36.prompt_cache import PromptCache, PromptCacheError
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}}}}}]
-
-
-@pytest.fixture(scope="module")
-def chat_dir(shared_dir, tmp_path_factory) -> Path:
-    """A tiny random MoE model with the real vocabulary size, and the real Qwen3.6 tokenizer and template."""
-    out = tmp_path_factory.mktemp("chat") / "tiny-moe"
-    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32)
-    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +38,8 @@ class Scripted:
     def make_cache(self):
         return self.real.make_cache()
 
-    def __call__(self, x, cache=None):
-        self.real(x, cache)
+    def __call__(self, x, cache=None, **kwargs):
+        self.real(x, cache, **kwargs)
         self.calls += 1
         logits = mx.zeros((1, x.shape[1], 248320))
         nxt = self.tokens.pop(0) if self.tokens else 0
@@ -200,21 +186,18 @@ def test_interrupted_generation_leaves_a_consistent_cache(chat, monkeypatch):
     real_step = gen._atomic_step
     steps = []
 
-    def interrupting(model_, pc_, tokens, logits):
+    def interrupting(model_, pc_, tokens, logits, *args, **kwargs):
         steps.append(tokens)
-        if len(steps) == 4:
-            real = model_.model.layers[0].linear_attn.__call__  # fail midway through a forward pass
-
+        if len(steps) == 4:  # Ctrl-C midway through a forward pass: layers 0-1 done, layer 2 not
             def boom(*a, **k):
                 raise KeyboardInterrupt
 
-            monkeypatch.setattr(type(model_.model.layers[2]), "__call__", lambda *a, **k: boom())
+            monkeypatch.setattr(type(model_.model.layers[2]), "__call__", boom)
             try:
-                return real_step(model_, pc_, tokens, logits)
+                return real_step(model_, pc_, tokens, logits, *args, **kwargs)
             finally:
                 monkeypatch.undo()
-                del real
-        return real_step(model_, pc_, tokens, logits)
+        return real_step(model_, pc_, tokens, logits, *args, **kwargs)
 
     monkeypatch.setattr(gen, "_atomic_step", interrupting)
     with pytest.raises(KeyboardInterrupt):
@@ -231,8 +214,8 @@ def test_prefill_chunks_end_on_message_boundaries(chat, monkeypatch):
     model, processor = chat
     seen = []
     real = gen._atomic_step
-    monkeypatch.setattr(gen, "_atomic_step", lambda m, pc, tokens, logits: seen.append(list(tokens)) or
-                        real(m, pc, tokens, logits))
+    monkeypatch.setattr(gen, "_atomic_step", lambda m, pc, tokens, logits, *a, **k: seen.append(list(tokens)) or
+                        real(m, pc, tokens, logits, *a, **k))
     messages = [{"role": "system", "content": "Be brief and helpful to the user."},
                 {"role": "user", "content": "Hello there, how are you today?"}]
     ids, _ = gen.build_prompt(processor, messages, None, True, False)
