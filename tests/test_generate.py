@@ -188,11 +188,11 @@ def test_interrupted_generation_leaves_a_consistent_cache(chat, monkeypatch):
 
     def interrupting(model_, pc_, tokens, logits, *args, **kwargs):
         steps.append(tokens)
-        if len(steps) == 4:  # Ctrl-C midway through a forward pass: layers 0-1 done, layer 2 not
+        if len(steps) == 4:  # Ctrl-C midway through a forward pass: GDN layers 0-2 updated, attention layer 3 not
             def boom(*a, **k):
                 raise KeyboardInterrupt
 
-            monkeypatch.setattr(type(model_.model.layers[2]), "__call__", boom)
+            monkeypatch.setattr(type(model_.model.layers[3].self_attn), "__call__", boom)
             try:
                 return real_step(model_, pc_, tokens, logits, *args, **kwargs)
             finally:
