@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import TextConfig
+from .fast import worker_stream
 from .norms import RMSNorm
 from .rope import Rotary
 
@@ -42,6 +43,8 @@ class GatedAttention(nn.Module):
         self, x: mx.array, cache: KVCache | None = None, position_ids: mx.array | None = None
     ) -> mx.array:
         B, T, _ = x.shape
+        if T == 1 and position_ids is None:
+            return self.decode(x.reshape(B, -1), cache)[:, None]
         q, gate = split_query_gate(self.q_proj(x), self.head_dim)
         q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)).transpose(0, 2, 1, 3)
@@ -50,10 +53,63 @@ class GatedAttention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset, position_ids)
         k = self.rope(k, offset, position_ids)
+        o = self._attention(q, k, v, cache).transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return self.o_proj(o * mx.sigmoid(gate.reshape(B, T, -1)))
+
+    def decode(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        """One token per row at the cache position, x [B, H] -> [B, H]: the same maths on [B, heads, 1, D] rows,
+        with one cos/sin for q and k."""
+        B = x.shape[0]
+        qg = self.q_proj(x).reshape(B, self.num_heads, 2 * self.head_dim)
+        q, gate = mx.split(qg, 2, axis=-1)  # per-head interleaved, as split_query_gate
+        q = self.q_norm(q).reshape(B, self.num_heads, 1, self.head_dim)
+        k = self.k_norm(self.k_proj(x).reshape(B, self.num_kv_heads, 1, self.head_dim))
+        v = self.v_proj(x).reshape(B, self.num_kv_heads, 1, self.head_dim)
+        cos, sin = self._rotation(cache.offset if cache is not None else 0, q.dtype)
+        o = self._attention(rotate(q, cos, sin), rotate(k, cos, sin), v, cache)
+        return self.o_proj(o.reshape(B, -1) * mx.sigmoid(gate.reshape(B, -1)))
+
+    def _rotation(self, offset: int | mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """cos, sin [half] of one position, computed as `mx.fast.rope`'s CPU path does (YaRN scaling folded in)."""
+        theta = mx.array(offset, dtype=mx.float32) * mx.reciprocal(self.rope.freqs)
+        cos, sin = mx.cos(theta), mx.sin(theta)
+        if self.rope.scaling != 1.0:
+            cos, sin = cos * self.rope.scaling, sin * self.rope.scaling
+        return cos.astype(dtype), sin.astype(dtype)
+
+    def _attention(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
+        """q [B, heads, T, D] and this step's rotated k, v [B, kv heads, T, D] -> [B, heads, T, D] over the cache."""
+        T = q.shape[2]
         if cache is not None:
             k, v = cache.update(k, v)
-
         # "causal" aligns the mask bottom-right, so a chunk after a cached prefix sees the whole prefix.
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if T > 1 else None)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return self.o_proj(o * mx.sigmoid(gate.reshape(B, T, -1)))
+        mask = cache.attention_mask(T) if cache is not None else ("causal" if T > 1 else None)
+        if T == 1 and mx.default_device() == mx.cpu:
+            return self._decode_attention(q, k, v, mask)
+        stream = worker_stream() if self.num_kv_heads % 2 == 0 else None
+        if stream is None or T == 1:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # Prefill: each half of the kv heads (with their query heads) on one of two CPU threads.
+        hq, hk = self.num_heads // 2, self.num_kv_heads // 2
+        first = mx.fast.scaled_dot_product_attention(q[:, :hq], k[:, :hk], v[:, :hk], scale=self.scale, mask=mask)
+        with mx.stream(stream):
+            second = mx.fast.scaled_dot_product_attention(q[:, hq:], k[:, hk:], v[:, hk:], scale=self.scale, mask=mask)
+        return mx.concatenate([first, second], axis=1)
+
+    def _decode_attention(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+        """One query per row on the CPU, where `mx.fast.scaled_dot_product_attention` is a longer chain of ops: the
+        query heads of each kv head form one [rep, D] matrix against that head's keys."""
+        B, Hq, _, D = q.shape
+        Hkv = k.shape[1]
+        scores = (q.reshape(B, Hkv, Hq // Hkv, D) * self.scale) @ k.swapaxes(-1, -2)  # [B, Hkv, rep, S]
+        if mask is not None:
+            scores = mx.where(mask, scores, -mx.inf)
+        o = mx.softmax(scores, axis=-1, precise=True) @ v  # [B, Hkv, rep, D]
+        return o.reshape(B, Hq, 1, D)
+
+
+def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """NeoX rotate-half rotary on the first 2·len(cos) dims of x [..., D], the rest passed through."""
+    half = cos.shape[-1]
+    x1, x2, rest = mx.split(x, [half, 2 * half], axis=-1)
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], axis=-1)

@@ -22,22 +22,32 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
+    def reserve(self, n: int, batch: int, heads: int, k_dim: int, v_dim: int, dtype: mx.Dtype) -> None:
+        """Make room for n more tokens past `offset`, growing the buffers by whole steps."""
+        prev = self.offset
+        if self.keys is not None and prev + n <= self.keys.shape[2]:
+            return
+        grow = ((n + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((batch, heads, grow, k_dim), dtype)
+        new_v = mx.zeros((batch, heads, grow, v_dim), dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        B, H, n, D = keys.shape
+        self.reserve(n, B, H, D, values.shape[3], keys.dtype)
+        prev = self.offset
         self.offset += n
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def attention_mask(self, T: int) -> str | None:
+        """The mask for T new queries over `update`'s keys: causal, aligned bottom-right past the cached prefix."""
+        return "causal" if T > 1 else None
 
     def snapshot(self) -> Any:
         return self.offset

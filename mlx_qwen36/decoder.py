@@ -32,10 +32,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: Cache | None = None, position_ids: mx.array | None = None) -> mx.array:
+        B, T, H = x.shape
+        if T == 1 and position_ids is None:
+            return self.decode(x.reshape(B, H), cache).reshape(B, 1, H)
         h = self.input_layernorm(x)
         if self.is_linear:
             h = self.linear_attn(h, cache)
         else:
             h = self.self_attn(h, cache, position_ids)
         h = x + h
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode(self, x: mx.array, cache: Cache | None = None) -> mx.array:
+        """One token per row at the cache position, x [B, H] -> [B, H] (the mixers' decode forms)."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        h = x + mixer.decode(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))

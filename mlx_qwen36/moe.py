@@ -1,11 +1,20 @@
-"""Feed-forward blocks: the dense SwiGLU MLP (27B) and the routed MoE with a gated shared expert (35B-A3B)."""
+"""Feed-forward blocks: the dense SwiGLU MLP (27B) and the routed MoE with a gated shared expert (35B-A3B).
+
+The routed experts read each token's experts with gathered matmuls: gate and up projections are one stacked weight
+(one gather), SwiGLU is one fused expression, and the weighted combine over the k experts is one batched matmul
+that the shared expert is added to. Prefill sorts the (token, expert) pairs by expert so each expert's weights are
+read once per chunk.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
+from .fast import split_rows, stored_transpose
 
 # Below this many (token, expert) pairs, sorting tokens by expert costs more than it saves.
 SORT_THRESHOLD = 64
@@ -21,16 +30,38 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@mx.compile
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
 
 
 def router(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
-    """Softmax over all experts in fp32, top-k, renormalise: (indices [..., k], weights [..., k] in logits' dtype)."""
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    inds = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
-    weights = mx.take_along_axis(probs, inds, axis=-1)
-    weights = weights / weights.sum(axis=-1, keepdims=True)
+    """Top-k experts and their renormalised softmax weights, in fp32: (indices [..., k], weights [..., k] in logits'
+    dtype).
+
+    Renormalising the top-k of softmax(l) over all experts is exactly softmax over the top-k logits (the full
+    normaliser cancels), so only the k selected logits are exponentiated.
+    """
+    logits = logits.astype(mx.float32)
+    E = logits.shape[-1]
+    inds = mx.argpartition(logits, kth=E - top_k, axis=-1)[..., E - top_k :]
+    weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
     return inds, weights.astype(logits.dtype)
+
+
+@lru_cache(maxsize=32)
+def _lhs_indices(*shape: int) -> mx.array:
+    """`gather_mm`'s default lhs_indices (every lhs matrix in order, laid out as `shape`), made once as a constant
+    so a traced decode step does not rebuild it each token."""
+    n = 1
+    for d in shape:
+        n *= d
+    idx = mx.arange(n, dtype=mx.uint32).reshape(shape)
+    mx.eval(idx)
+    return idx
 
 
 def _gather_matmul_dtype(dtype: mx.Dtype) -> mx.Dtype:
@@ -46,10 +77,13 @@ class SwitchLinear(nn.Module):
         scale = input_dims**-0.5
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        dtype = _gather_matmul_dtype(self.weight.dtype)
-        w = self.weight.astype(dtype).swapaxes(-1, -2)
-        y = mx.gather_mm(x.astype(dtype), w, rhs_indices=indices, sorted_indices=sorted_indices)
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False,
+                 lhs_indices: mx.array | None = None) -> mx.array:
+        w = stored_transpose(self)  # [E, in, out] after `fast.relayout_for_cpu`
+        if w is None:
+            w = self.weight.astype(_gather_matmul_dtype(self.weight.dtype)).swapaxes(-1, -2)
+        y = mx.gather_mm(x.astype(w.dtype), w, lhs_indices=lhs_indices, rhs_indices=indices,
+                         sorted_indices=sorted_indices)
         return y.astype(x.dtype)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> QuantizedSwitchLinear:
@@ -76,9 +110,11 @@ class QuantizedSwitchLinear(nn.Module):
             q.biases = biases[0]
         return q
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False,
+                 lhs_indices: mx.array | None = None) -> mx.array:
         return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices, transpose=True,
+            x, self["weight"], self["scales"], self.get("biases"), lhs_indices=lhs_indices, rhs_indices=indices,
+            transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
 
@@ -95,23 +131,23 @@ class SwitchGLU(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, H], indices [N, k] -> per-expert outputs [N, k, H]."""
         N, k = indices.shape
-        x = x[:, None, None, :]  # [N, 1, 1, H]
-        do_sort = indices.size >= SORT_THRESHOLD
-        if do_sort:
-            # Group rows by expert so each expert's weights are read once for the whole prefill chunk.
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            inv_order = mx.argsort(order)
-            x = x.flatten(0, -3)[order // k]  # [N*k, 1, H]
-            idx = flat[order]
-        else:
-            idx = indices
-        h = self.gate_up_proj(x, idx, sorted_indices=do_sort)
-        gate, up = mx.split(h, 2, axis=-1)
-        y = self.down_proj(nn.silu(gate) * up, idx, sorted_indices=do_sort)
-        if do_sort:
-            return y[inv_order].reshape(N, k, -1)
-        return y.squeeze(-2)
+        if indices.size < SORT_THRESHOLD:
+            x = x.reshape(N, 1, 1, -1)  # [N, 1, 1, H]: each row meets its k experts
+            h = self.gate_up_proj(x, indices, lhs_indices=_lhs_indices(N, 1))  # [N, k, 1, 2I]
+            y = self.down_proj(swiglu(*mx.split(h, 2, axis=-1)), indices, lhs_indices=_lhs_indices(N, k))
+            return y.reshape(N, k, -1)
+        # Group rows by expert so each expert's weights are read once for the whole prefill chunk.
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inv_order = mx.argsort(order)
+        x = x[order // k][:, None, :]  # [N*k, 1, H]
+        y = split_rows(self._sorted, x, flat[order])  # halves of the sorted pairs on two CPU threads
+        return y[inv_order].reshape(N, k, -1)
+
+    def _sorted(self, x: mx.array, idx: mx.array) -> mx.array:
+        """x [P, 1, H] with expert ids idx [P] in ascending order -> [P, 1, H]."""
+        h = self.gate_up_proj(x, idx, sorted_indices=True)
+        return self.down_proj(swiglu(*mx.split(h, 2, axis=-1)), idx, sorted_indices=True)
 
 
 class SparseMoeBlock(nn.Module):
@@ -127,8 +163,11 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        if x.ndim != 2:
+            x = x.reshape(-1, shape[-1])  # [N, H]
         inds, weights = router(self.gate(x), self.top_k)
-        y = (self.experts(x, inds) * weights[..., None]).sum(axis=1)
-        y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y.reshape(shape)
+        y = weights[:, None, :] @ self.experts(x, inds)  # [N, 1, k] @ [N, k, H]: the weighted sum over experts
+        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if len(shape) != 2:
+            shared = shared.reshape(shape)
+        return y.reshape(shape) + shared

@@ -1,0 +1,582 @@
+"""Benchmark mlx_qwen36 (and, with `--compare mlx-lm`, mlx-lm's `qwen3_5_moe` / `qwen3_5` on the same weights in
+the same process): prefill tokens/s per prompt length, time to first token, decode tokens/s, peak memory,
+dispatches (graph primitives) per decoded token, weight bytes read per decoded token and the fraction of this
+machine's measured memory bandwidth that makes.
+
+    python -m mlx_qwen36.bench --synthetic one-block --experts 64 --compare mlx-lm --json results.json
+    python -m mlx_qwen36.bench --model path/to/checkpoint --prompt-lengths 128,512
+    python -m mlx_qwen36.bench --synthetic tiny --compare mlx-lm --json -   # CI smoke test
+
+A synthetic model has random weights at real layer sizes (`one-block`: hidden 2048, 3 GDN + 1 attention layers, 256
+experts top-8, I=512, vocab 248,320; `tiny`: a few kilobytes); any size can be changed with flags. Weights are
+float32 by default (mlx-lm's MoE does not run in bf16 on the CPU back end).
+
+Method, the same for both implementations:
+- prefill: a fresh cache, the prompt through each library's own prefill (mlx_qwen36: `Model.prefill`, chunks of
+  512; mlx-lm: `generate_step`'s chunks of 2048), until the first token is evaluated; tokens/s = length / time,
+  and that time is the time to first token;
+- decode: greedy tokens after the shortest prompt, each step's logits and cache evaluated before the next
+  (mlx_qwen36: the compiled `fast.make_decode_step`; mlx-lm: its model call, as `generate_step` makes it);
+- dispatches: the primitives in the graph of one decode step (logits and new cache arrays), read from
+  `mx.export_to_dot`, i.e. what the back end evaluates per token, fused kernels counted once;
+- mlx-lm runs first on the model's arrays as loaded (no copies: its gate/up weights are views of ours); then
+  mlx_qwen36 stores its matmul weights in its CPU layout (`fast.relayout_for_cpu`) and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import synthetic
+from .config import ModelConfig
+from .convert.hf import keeps_fp32
+from .fast import make_decode_step, relayout_for_cpu
+from .model import Model
+
+OURS, PEER = "mlx_qwen36", "mlx_lm"
+DEFAULT_LENGTHS = (128, 512, 2048)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """A one-line progress bar on stderr: the step being measured, how many are done, and the time so far."""
+
+    def __init__(self, total: int, enabled: bool = True, width: int = 28):
+        self.total, self.done, self.width, self.enabled = total, 0, width, enabled
+        self.start = time.perf_counter()
+
+    def show(self, label: str) -> None:
+        if not self.enabled:
+            return
+        filled = int(self.width * self.done / max(self.total, 1))
+        bar = "#" * filled + "-" * (self.width - filled)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {elapsed:7.1f}s  {label[:60]:<60}")
+        sys.stderr.flush()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        self.show(label)
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+
+
+def synthetic_model(preset: str, overrides: dict[str, Any], dtype: mx.Dtype, seed: int) -> tuple[Model, dict]:
+    """A random-weight model of a `synthetic` preset with `overrides`, built in memory."""
+    text = synthetic.text_config(preset, **overrides)
+    mx.random.seed(seed)
+    model = Model(ModelConfig.from_dict({"model_type": "qwen3_5_moe" if text.get("num_experts") else "qwen3_5",
+                                         "text_config": text}))
+    if dtype != mx.float32:  # as the loader casts: A_log, dt_bias and zero-centred norms stay fp32
+        model.update(tree_unflatten([(k, w if keeps_fp32(k) else w.astype(dtype))
+                                     for k, w in tree_flatten(model.parameters())]))
+    model.eval()
+    for _, w in tree_flatten(model.parameters()):  # one tensor at a time: the peak is the model
+        mx.eval(w)
+    return model, text
+
+
+def loaded_model(path: str, dtype: mx.Dtype) -> tuple[Model, dict]:
+    from .loader import load_model
+
+    model = load_model(path, text_only=True, dtype=dtype)
+    raw = model.config.raw
+    return model, dict(raw.get("text_config", raw))
+
+
+def mlx_lm_model(ours: Model, text_config: dict) -> nn.Module:
+    """mlx-lm's model of the same config holding our arrays (the experts' gate/up halves as views, no copies)."""
+    from mlx_lm.models import qwen3_5, qwen3_5_moe
+
+    params = dict(tree_flatten(ours.parameters()))
+    if any(k.endswith(".scales") for k in params):
+        raise SystemExit("--compare needs an unquantized model (load a bf16/fp32 checkpoint with --dtype float32)")
+    moe = bool(text_config.get("num_experts"))
+    module = qwen3_5_moe if moe else qwen3_5
+    args = module.ModelArgs.from_dict({"model_type": "qwen3_5_moe" if moe else "qwen3_5",
+                                       "text_config": dict(text_config)})
+    peer = module.Model(args)
+    weights = []
+    for name, w in params.items():
+        if name.startswith(("mtp.", "visual.")):
+            continue
+        name = "language_model." + name
+        if name.endswith(".mlp.experts.gate_up_proj.weight"):
+            half = w.shape[1] // 2
+            prefix = name[: -len("experts.gate_up_proj.weight")] + "switch_mlp."
+            weights += [(prefix + "gate_proj.weight", w[:, :half]), (prefix + "up_proj.weight", w[:, half:])]
+        else:
+            weights.append((name.replace(".mlp.experts.down_proj.", ".mlp.switch_mlp.down_proj."), w))
+    peer.load_weights(weights, strict=True)
+    peer.eval()
+    mx.eval(peer.parameters())
+    return peer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurements
+
+
+def count_dispatches(*outputs: mx.array) -> int:
+    """Primitives in the (unevaluated) graph of `outputs`: one per node the back end evaluates."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "graph.dot")
+        mx.export_to_dot(path, *outputs)
+        return len(re.findall(r"shape\s*=\s*rectangle", Path(path).read_text()))
+
+
+def cache_arrays(cache: list) -> list[mx.array]:
+    """The arrays a decode step writes, for either library's cache objects."""
+    out: list[mx.array] = []
+    for c in cache:
+        for name in ("keys", "values", "conv_state", "recurrent_state"):
+            a = getattr(c, name, None)
+            if isinstance(a, mx.array):
+                out.append(a)
+        if isinstance(getattr(c, "cache", None), list):
+            out += [a for a in c.cache if isinstance(a, mx.array)]
+    return out
+
+
+def weight_bytes_per_token(model: Model) -> int:
+    """Bytes of weights one decoded token reads: everything but the routed experts, top-k/E of those, one
+    embedding row (the full matrix when it doubles as lm_head); MTP and vision weights are not read."""
+    cfg = model.config.text
+    total = 0
+    for name, w in tree_flatten(model.parameters()):
+        if name.startswith(("mtp.", "visual.")):
+            continue
+        if ".mlp.experts." in name:
+            total += w.nbytes * cfg.num_experts_per_tok // cfg.num_experts
+        elif name.endswith("embed_tokens.weight") and not cfg.tie_word_embeddings:
+            total += w.nbytes // w.shape[0]
+        else:
+            total += w.nbytes
+    return total
+
+
+def memory_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """This machine's memory bandwidth in GB/s: the best numpy copy of `nbytes`, counting bytes read + written."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = None
+    try:
+        kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        ram = round(kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    try:
+        import mlx_lm
+        lm_version = mlx_lm.__version__
+    except ImportError:
+        lm_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "os": platform.platform(),
+            "python": platform.python_version(), "mlx": mx.__version__, "mlx_lm": lm_version,
+            "device": str(mx.default_device())}
+
+
+class Runner:
+    """One implementation's prefill / decode / dispatch measurements (greedy tokens)."""
+
+    name = ""
+
+    def new_cache(self) -> list:
+        raise NotImplementedError
+
+    def prefill(self, ids: mx.array, cache: list) -> mx.array:
+        """Prompt [1, T] -> the first generated token [1] (evaluated)."""
+        raise NotImplementedError
+
+    def step(self, token: mx.array, cache: list) -> mx.array:
+        """One decode step, lazily: token [1] -> logits [1, 1, vocab] with the cache updated."""
+        raise NotImplementedError
+
+    def decode(self, token: mx.array, cache: list, n: int) -> float:
+        """Seconds for n greedy decode steps, each evaluated (logits and cache) before the next is built."""
+        start = time.perf_counter()
+        for _ in range(n):
+            logits = self.step(token, cache)
+            token = mx.argmax(logits[:, -1], axis=-1)
+            mx.eval(token, cache_arrays(cache))
+        return time.perf_counter() - start
+
+    def dispatches(self, token: mx.array, cache: list) -> int:
+        logits = self.step(token, cache)
+        n = count_dispatches(logits, *cache_arrays(cache))
+        mx.eval(logits, cache_arrays(cache))
+        return n
+
+
+class Ours(Runner):
+    name = OURS
+
+    def __init__(self, model: Model, compiled: bool = True, chunk: int | None = None):
+        self.model = model
+        self.chunk = chunk
+        self._step = make_decode_step(model) if compiled else model
+
+    def new_cache(self) -> list:
+        return self.model.make_cache()
+
+    def prefill(self, ids: mx.array, cache: list) -> mx.array:
+        kwargs = {} if self.chunk is None else {"chunk_size": self.chunk}
+        token = mx.argmax(self.model.prefill(ids, cache, **kwargs), axis=-1)
+        mx.eval(token)
+        return token
+
+    def step(self, token: mx.array, cache: list) -> mx.array:
+        return self._step(token[:, None], cache)
+
+
+class MlxLm(Runner):
+    """mlx-lm's model driven as `mlx_lm.generate.generate_step` drives it (prefill chunks of 2048)."""
+
+    name = PEER
+
+    def __init__(self, model: nn.Module, prefill_step_size: int = 2048):
+        self.model = model
+        self.prefill_step_size = prefill_step_size
+
+    def new_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def prefill(self, ids: mx.array, cache: list) -> mx.array:
+        prompt = ids[0]
+        while prompt.size > 1:
+            n = min(self.prefill_step_size, prompt.size - 1)
+            self.model(prompt[:n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[n:]
+            mx.clear_cache()
+        token = mx.argmax(self.model(prompt[None], cache=cache)[:, -1], axis=-1)
+        mx.eval(token)
+        return token
+
+    def step(self, token: mx.array, cache: list) -> mx.array:
+        return self.model(token[None], cache=cache)
+
+
+def measure(runner: Runner, prompts: dict[int, mx.array], decode_tokens: int, progress: Progress) -> dict:
+    """Warm up, then prefill each prompt on a fresh cache; decode after the shortest; count one step's graph."""
+    out: dict[str, Any] = {"prefill_tokens_per_s": {}, "ttft_s": {}}
+    mx.reset_peak_memory()
+    warm = runner.new_cache()
+    token = runner.prefill(prompts[min(prompts)][:, :24], warm)  # traces, compiles kernels, fills caches
+    runner.decode(token, warm, 2)
+    del warm
+    progress.step(f"{runner.name}: warmed up")
+    for length in sorted(prompts):
+        cache = runner.new_cache()
+        start = time.perf_counter()
+        token = runner.prefill(prompts[length], cache)
+        seconds = time.perf_counter() - start
+        out["prefill_tokens_per_s"][str(length)] = length / seconds
+        out["ttft_s"][str(length)] = seconds
+        progress.step(f"{runner.name}: prefill {length} ({length / seconds:.1f} tok/s)")
+        if length == min(prompts):
+            seconds = runner.decode(token, cache, decode_tokens)
+            out["decode_tokens_per_s"] = decode_tokens / seconds
+            out["dispatches_per_token"] = runner.dispatches(token, cache)
+            progress.step(f"{runner.name}: decode ({decode_tokens / seconds:.2f} tok/s)")
+        del cache
+        gc.collect()
+        mx.clear_cache()
+    out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    out["load_average_after"] = os.getloadavg()[0]  # other processes on the machine skew the timings
+    return out
+
+
+def first_logits(runner: Runner, ids: mx.array) -> np.ndarray:
+    """Logits of a short prompt's last position (the two implementations must agree on the same weights)."""
+    cache = runner.new_cache()
+    logits = runner.model(ids, cache) if isinstance(runner, Ours) else runner.model(ids, cache=cache)
+    return np.array(logits[0, -1].astype(mx.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def parse_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, flag in (("num_experts", args.experts), ("vocab_size", args.vocab), ("hidden_size", args.hidden),
+                      ("num_hidden_layers", args.layers), ("num_experts_per_tok", args.top_k)):
+        if flag is not None:
+            out[key] = flag
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    dtype = getattr(mx, args.dtype)
+    compare = args.compare == "mlx-lm"
+    lengths = sorted({int(x) for x in args.prompt_lengths.split(",") if x.strip()})
+    progress = Progress(total=2 + (len(lengths) + 2) * (2 if compare else 1), enabled=not args.quiet)
+    progress.show("building the model")
+    if args.model:
+        model, text = loaded_model(args.model, dtype)
+        source = {"model": args.model}
+    else:
+        overrides = parse_overrides(args)
+        model, text = synthetic_model(args.synthetic, overrides, dtype, args.seed)
+        source = {"synthetic": args.synthetic, "overrides": overrides}
+    progress.step("model ready")
+    cfg = model.config.text
+    rng = np.random.default_rng(args.seed)
+    prompts = {n: mx.array(rng.integers(0, cfg.vocab_size, (1, n)), dtype=mx.int32) for n in lengths}
+    check_ids = prompts[lengths[0]][:, :8]
+
+    results: dict[str, Any] = {OURS: {}, PEER: None}
+    peer_logits = None
+    if compare:  # first, on the arrays as loaded; then they are relayouted for mlx_qwen36
+        peer = MlxLm(mlx_lm_model(model, text), args.mlx_lm_prefill_step)
+        peer_logits = first_logits(peer, check_ids)
+        results[PEER] = measure(peer, prompts, args.decode_tokens, progress)
+        del peer
+        gc.collect()
+        mx.clear_cache()
+
+    relayouted = 0
+    if not args.no_relayout and mx.default_device() == mx.cpu:
+        relayouted = relayout_for_cpu(model)
+    ours = Ours(model, compiled=not args.no_compile, chunk=args.prefill_chunk)
+    our_logits = first_logits(ours, check_ids)
+    results[OURS] = measure(ours, prompts, args.decode_tokens, progress)
+    progress.step("measuring bandwidth")
+    bandwidth = memory_bandwidth()
+    progress.close()
+
+    per_token = weight_bytes_per_token(model)
+    report: dict[str, Any] = {
+        "machine": machine(), "source": source, "dtype": args.dtype,
+        "config": {k: text.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size", "num_experts",
+                                            "num_experts_per_tok", "moe_intermediate_size", "linear_num_key_heads",
+                                            "linear_num_value_heads", "num_attention_heads", "num_key_value_heads")},
+        "settings": {"prompt_lengths": lengths, "decode_tokens": args.decode_tokens,
+                     "relayout_for_cpu_bytes": relayouted, "compiled_decode": not args.no_compile,
+                     "prefill_chunk": args.prefill_chunk or "Model.prefill default (512)",
+                     "mlx_lm_prefill_step": args.mlx_lm_prefill_step if compare else None},
+        "memory_bandwidth_gbs": bandwidth,
+        "weight_bytes_per_token": per_token,
+    }
+    for key in ("dispatches_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_memory_gb"):
+        report[key] = {name: (results[name] or {}).get(key) if results[name] else None for name in (OURS, PEER)}
+    report["load_average_after"] = {name: (results[name] or {}).get("load_average_after") for name in (OURS, PEER)}
+    report["bandwidth_fraction"] = {
+        name: per_token * report["decode_tokens_per_s"][name] / (bandwidth * 1e9)
+        if report["decode_tokens_per_s"][name] else None for name in (OURS, PEER)}
+    if compare:
+        report["max_abs_logit_diff"] = float(np.abs(our_logits - peer_logits).max())
+        report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict) -> dict[str, Any]:
+    """mlx_qwen36 over mlx-lm (dispatches: mlx_qwen36's count as a fraction of mlx-lm's, lower is better)."""
+    def over(key: str) -> float:
+        return report[key][OURS] / report[key][PEER]
+
+    return {"dispatches_per_token": over("dispatches_per_token"), "decode_tokens_per_s": over("decode_tokens_per_s"),
+            "prefill_tokens_per_s": {n: report["prefill_tokens_per_s"][OURS][n] / v
+                                     for n, v in report["prefill_tokens_per_s"][PEER].items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+
+
+def markdown(report: dict) -> str:
+    m, cfg = report["machine"], report["config"]
+    peer = report["decode_tokens_per_s"][PEER] is not None
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; MLX {m['mlx']} "
+        f"({m['device']}), mlx-lm {m['mlx_lm']}; measured memory bandwidth {report['memory_bandwidth_gbs']:.1f} GB/s.",
+        f"Model: {report['source']}, {report['dtype']} weights; hidden {cfg['hidden_size']}, "
+        f"{cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, "
+        f"{cfg['num_experts'] or 'no'} experts (top-{cfg['num_experts_per_tok'] or '-'}).",
+        "",
+        "| Measure | mlx_qwen36 | mlx-lm | ratio |" if peer else "| Measure | mlx_qwen36 |",
+        "|---|---:|---:|---:|" if peer else "|---|---:|",
+    ]
+
+    def row(label: str, key: str, fmt: str, sub: str | None = None, better_low: bool = False) -> None:
+        ours = report[key][OURS] if sub is None else report[key][OURS][sub]
+        if not peer:
+            lines.append(f"| {label} | {fmt.format(ours)} |")
+            return
+        theirs = report[key][PEER] if sub is None else report[key][PEER][sub]
+        ratio = ours / theirs
+        lines.append(f"| {label} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio:.2f}x"
+                     f"{' (lower is better)' if better_low else ''} |")
+
+    for n in report["prefill_tokens_per_s"][OURS]:
+        row(f"prefill {n} tokens (tok/s)", "prefill_tokens_per_s", "{:.2f}", n)
+    for n in report["ttft_s"][OURS]:
+        row(f"time to first token, {n}-token prompt (s)", "ttft_s", "{:.2f}", n, better_low=True)
+    row("decode (tok/s)", "decode_tokens_per_s", "{:.3f}")
+    row("dispatches per decoded token", "dispatches_per_token", "{:d}", better_low=True)
+    row("peak memory (GB)", "peak_memory_gb", "{:.3g}", better_low=True)
+    row("fraction of memory bandwidth while decoding", "bandwidth_fraction", "{:.1%}")
+    lines.append(f"| weight bytes read per decoded token | {report['weight_bytes_per_token'] / 1e6:.1f} MB |"
+                 + (" same | |" if peer else ""))
+    if "max_abs_logit_diff" in report:
+        diff = report["max_abs_logit_diff"]
+        lines += ["", f"Max |logit difference| between the two on the same weights: {diff:.2e}."]
+    return "\n".join(lines) + "\n"
+
+
+def nice_step(top: float, ticks: int = 5) -> float:
+    """A round tick spacing (1, 2 or 5 times a power of ten) giving about `ticks` ticks up to `top`."""
+    raw = top / ticks
+    power = 10 ** np.floor(np.log10(raw))
+    return float(next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
+
+
+def plot(report: dict, path: str | Path, title: str | None = None) -> None:
+    """A PNG of prefill tokens/s against prompt length (log2 axis) for each implementation, drawn with Pillow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    series = {name: {int(n): v for n, v in (report["prefill_tokens_per_s"][name] or {}).items()}
+              for name in (OURS, PEER) if report["prefill_tokens_per_s"][name]}
+    colours = {OURS: (31, 119, 180), PEER: (255, 127, 14)}
+    labels = {OURS: "mlx_qwen36", PEER: "mlx-lm"}
+    W, H, left, right, top, bottom = 900, 560, 90, 30, 70, 80
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=16)
+    small = ImageFont.load_default(size=13)
+    xs = sorted({n for s in series.values() for n in s})
+    step = nice_step(max(v for s in series.values() for v in s.values()) * 1.1)
+    ymax = step * np.ceil(max(v for s in series.values() for v in s.values()) * 1.1 / step)
+    lx = [np.log2(n) for n in xs]
+    x0, x1 = (min(lx) - 0.3, max(lx) + 0.3) if len(lx) > 1 else (lx[0] - 1, lx[0] + 1)
+
+    def px(n: int, v: float) -> tuple[float, float]:
+        return (left + (np.log2(n) - x0) / (x1 - x0) * (W - left - right), H - bottom - v / ymax * (H - top - bottom))
+
+    for v in np.arange(0, ymax + step / 2, step):
+        y = px(xs[0], v)[1]
+        draw.line([left, y, W - right, y], fill=(225, 225, 225))
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((left - 10, y), f"{v:g}", fill="black", font=small, anchor="rm")
+    for n in xs:
+        x = px(n, 0)[0]
+        draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
+        draw.text((x, H - bottom + 10), str(n), fill="black", font=small, anchor="mt")
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for name, s in series.items():
+        pts = [px(n, s[n]) for n in sorted(s)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colours[name], width=3)
+        for n, (x, y) in zip(sorted(s), pts):
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colours[name])
+            draw.text((x, y - 10), f"{s[n]:.3g}", fill=colours[name], font=small, anchor="mb")
+    for i, name in enumerate(series):
+        y = top + 18 + 22 * i
+        draw.line([left + 15, y, left + 45, y], fill=colours[name], width=3)
+        draw.text((left + 52, y), labels[name], fill="black", font=font, anchor="lm")
+    cfg = report["config"]
+    title = title or (f"Prefill tokens/s, {report['dtype']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
+                      f"layers, {cfg['num_experts'] or 'no'} experts - {report['machine']['cpu']}, "
+                      f"{report['machine']['cores']} cores")
+    draw.text((W / 2, 30), title, fill="black", font=font, anchor="mm")
+    draw.text((W / 2, H - 30), "prompt length (tokens, log scale)", fill="black", font=font, anchor="mm")
+    draw.text((18, (top + H - bottom) / 2), "tok/s", fill="black", font=font, anchor="lm")
+    img.save(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mlx_qwen36.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a checkpoint folder or Hub repo id")
+    src.add_argument("--synthetic", choices=sorted(synthetic.PRESETS), default="one-block",
+                     help="random weights at a preset's sizes (default: one-block)")
+    p.add_argument("--experts", type=int, help="number of routed experts (reduce to fit memory; say so)")
+    p.add_argument("--top-k", type=int, help="experts per token")
+    p.add_argument("--vocab", type=int, help="vocabulary size")
+    p.add_argument("--hidden", type=int, help="hidden size")
+    p.add_argument("--layers", type=int, help="number of layers (every 4th is full attention)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other text_config field")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt-lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--compare", choices=["mlx-lm"], help="also run mlx-lm on the same weights")
+    p.add_argument("--mlx-lm-prefill-step", type=int, default=2048, help="mlx-lm's prefill chunk (its default)")
+    p.add_argument("--prefill-chunk", type=int, help="mlx_qwen36's prefill chunk (default: Model.prefill's)")
+    p.add_argument("--no-relayout", action="store_true", help="keep the checkpoint's [out, in] weight layout")
+    p.add_argument("--no-compile", action="store_true", help="decode with the plain model call")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the markdown table to a file")
+    p.add_argument("--plot", metavar="PNG", help="plot prefill tokens/s against prompt length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    table = markdown(report)
+    if args.json != "-":
+        print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.plot:
+        plot(report, args.plot)
+    if args.json:
+        text = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

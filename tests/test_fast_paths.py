@@ -1,0 +1,242 @@
+"""The fast paths equal the reference: chunked GDN prefill and the one-token step against the recurrence, the fused
+router against softmax-then-renormalise, the CPU weight layout and the two-thread splits against the plain model, and
+the compiled decode step against the plain call (logits and every cache array, over KV growth and a restore)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_qwen36.gated_delta as gd
+from mlx_qwen36 import load_model
+from mlx_qwen36.cache import restore, snapshot
+from mlx_qwen36.fast import CPULinear, make_decode_step, relayout_for_cpu, stored_transpose
+from mlx_qwen36.moe import router
+
+TOL = 1e-4
+
+
+def gdn_inputs(B: int, T: int, Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0, decay: float = 1.0,
+               with_state: bool = True):
+    """Normalised q (scaled), k [B, T, Hk, Dk], v, log decays g <= 0, β in (0, 1), and a state [B, Hv, Dk, Dv]."""
+    mx.random.seed(seed)
+    q = gd.l2norm(mx.random.normal((B, T, Hk, Dk))) * Dk**-0.5
+    k = gd.l2norm(mx.random.normal((B, T, Hk, Dk)))
+    v = mx.random.normal((B, T, Hv, Dv))
+    g = -decay * mx.random.uniform(0.0, 1.0, (B, T, Hv))
+    beta = mx.sigmoid(mx.random.normal((B, T, Hv)))
+    state = mx.random.normal((B, Hv, Dk, Dv)) * 0.5 if with_state else mx.zeros((B, Hv, Dk, Dv))
+    return q, k, v, g, beta, state
+
+
+def max_diff(a: mx.array, b: mx.array) -> float:
+    return float(mx.abs(a - b).max())
+
+
+# --- gated delta rule ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T, chunk", [(37, 16), (100, 64), (64, 64), (5, 64), (129, 32)])
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("heads", [(2, 4), (3, 3)])  # (Hk, Hv): grouped and not
+def test_chunked_equals_recurrence(T, chunk, with_state, heads):
+    Hk, Hv = heads
+    q, k, v, g, beta, state = gdn_inputs(2, T, Hk, Hv, 32, 16, seed=T, with_state=with_state)
+    groups = Hv // Hk
+    q, k = gd.expand_heads(q, groups), gd.expand_heads(k, groups)
+    o_ref, s_ref = gd.gated_delta_recurrence(q, k, v, g, beta, state)
+    o, s = gd.gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk)
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape
+    assert max_diff(o, o_ref) <= TOL
+    assert max_diff(s, s_ref) <= TOL
+
+
+@pytest.mark.parametrize("decay", [1e-3, 30.0])
+def test_chunked_is_stable_for_extreme_decays_and_aligned_keys(decay):
+    """Near-identical keys with β near 1 make (I + A) badly conditioned; strong decays make the cumulative log decay
+    large, where a difference of cumulative sums would lose precision."""
+    q, _, v, g, beta, state = gdn_inputs(1, 150, 4, 4, 32, 16, seed=3, decay=decay)
+    base = mx.random.normal((1, 1, 4, 32))
+    k = gd.l2norm(base + 0.05 * mx.random.normal((1, 150, 4, 32)))
+    beta = 0.9 + 0.1 * beta
+    o_ref, s_ref = gd.gated_delta_recurrence(q, k, v, g, beta, state)
+    o, s = gd.gated_delta_chunked(q, k, v, g, beta, state)
+    assert max_diff(o, o_ref) <= TOL and max_diff(s, s_ref) <= TOL
+
+
+@pytest.mark.parametrize("heads", [(2, 4), (4, 4), (1, 3)])
+def test_step_equals_recurrence(heads):
+    Hk, Hv = heads
+    q, k, v, g, beta, state = gdn_inputs(3, 1, Hk, Hv, 16, 8, seed=Hv)
+    groups = Hv // Hk
+    o_ref, s_ref = gd.gated_delta_recurrence(gd.expand_heads(q, groups), gd.expand_heads(k, groups), v, g, beta,
+                                             state)
+    o, s = gd.gated_delta_step(q, k, v, g, beta, state)  # groups internally, as expand_heads
+    assert max_diff(o, o_ref) <= 1e-5 and max_diff(s, s_ref) <= 1e-5
+
+
+def test_mx_fast_gated_delta_update_glue_equals_recurrence():
+    """The layout glue around `mx.fast.gated_delta_update` (Metal only in the model); on CPU it runs MLX's ops loop."""
+    q, k, v, g, beta, state = gdn_inputs(1, 6, 2, 4, 32, 16, seed=7)
+    o_ref, s_ref = gd.gated_delta_recurrence(gd.expand_heads(q, 2), gd.expand_heads(k, 2), v, g, beta, state)
+    o, s = gd.gated_delta_metal(q, k, v, g, beta, state)
+    assert max_diff(o, o_ref) <= TOL and max_diff(s, s_ref) <= TOL
+
+
+def test_metal_kernel_is_claimed_only_on_metal():
+    q, _, v, *_ = gdn_inputs(1, 2, 16, 32, 128, 128)
+    assert gd.metal_kernel_covers(q, v) == (mx.default_device() == mx.gpu and mx.metal.is_available())
+
+
+def test_unit_lower_inverse():
+    a = mx.tril(mx.random.normal((3, 64, 64)) * 0.3, k=-1)
+    inv = gd.unit_lower_inverse(a)
+    eye = mx.eye(64)
+    assert max_diff((eye + a) @ inv, mx.broadcast_to(eye, (3, 64, 64))) <= 1e-4
+    assert max_diff(mx.triu(inv, k=1), mx.zeros_like(inv)) == 0.0
+
+
+def test_segsum():
+    g = mx.array([[-1.0, -2.0, -3.0, -4.0]])
+    seg = np.array(gd.segsum(g))[0]
+    for i in range(4):
+        for j in range(4):
+            want = -np.inf if j > i else -sum(range(j + 2, i + 2))
+            assert seg[i, j] == want
+
+
+# --- router -------------------------------------------------------------------------------------------------------
+
+
+def test_router_equals_softmax_topk_renormalise():
+    logits = mx.random.normal((20, 64)) * 3
+    inds, weights = router(logits, 8)
+    probs = np.array(mx.softmax(logits, axis=-1))
+    ref_inds = np.argsort(-probs, axis=-1)[:, :8]
+    assert (np.sort(np.array(inds), -1) == np.sort(ref_inds, -1)).all()
+    picked = np.take_along_axis(probs, np.array(inds), -1)
+    assert np.abs(np.array(weights) - picked / picked.sum(-1, keepdims=True)).max() <= 1e-6
+
+
+# --- the model's fast paths against the golden logits ---------------------------------------------------------------
+
+
+def logits_of(model, ids: np.ndarray) -> np.ndarray:
+    return np.array(model(mx.array(ids)))
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_cpu_layout_keeps_parameters_and_logits(tiny, kind):
+    g = tiny[kind]["golden"]
+    model = load_model(tiny[kind]["hf"])
+    before = {k: np.array(v) for k, v in _flat(model)}
+    moved = relayout_for_cpu(model)
+    assert moved > 0 and relayout_for_cpu(model) == 0  # idempotent
+    after = dict(_flat(model))
+    assert before.keys() == after.keys()
+    for name, w in after.items():
+        assert w.shape == before[name].shape and np.array_equal(np.array(w), before[name]), name
+    layer = model.layers[0].linear_attn.in_proj_qkv
+    assert isinstance(layer, CPULinear) and stored_transpose(layer).shape == layer.weight.shape[::-1]
+    assert np.abs(logits_of(model, g["input_ids"]) - g["logits_fp32"]).max() <= TOL
+
+
+def test_replaced_weights_are_used_after_relayout(tiny):
+    model = load_model(tiny["moe"]["hf"])
+    relayout_for_cpu(model)
+    layer = model.lm_head
+    layer.weight = mx.zeros_like(layer.weight)  # e.g. load_weights after the relayout
+    assert stored_transpose(layer) is None
+    assert float(mx.abs(layer(mx.ones((1, layer.weight.shape[1])))).max()) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_chunked_prefill_in_the_model(tiny, kind, threads, monkeypatch):
+    """With every prompt on the chunked GDN path (and the CPU layout, one or two threads), logits stay at the
+    reference, and a chunked prefill then decode equals the full forward."""
+    monkeypatch.setenv("MLX_QWEN36_CPU_THREADS", threads)
+    monkeypatch.setattr(gd, "CHUNK_THRESHOLD", 1)
+    monkeypatch.setattr(gd, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(gd, "CPU_CHUNK_SIZE", 4)
+    g = tiny[kind]["golden"]
+    model = load_model(tiny[kind]["hf"])
+    relayout_for_cpu(model)
+    assert np.abs(logits_of(model, g["input_ids"]) - g["logits_fp32"]).max() <= TOL
+    cache = model.make_cache()
+    ids = g["input_ids"]
+    first = np.array(model(mx.array(ids[:, :9]), cache))
+    rest = [np.array(model(mx.array(ids[:, t : t + 1]), cache)) for t in range(9, ids.shape[1])]
+    assert np.abs(np.concatenate([first, *rest], axis=1) - g["logits_fp32"]).max() <= TOL
+
+
+def test_two_cpu_threads_equal_one(tiny, monkeypatch):
+    model = load_model(tiny["moe"]["hf"])
+    relayout_for_cpu(model)
+    ids = mx.array(np.tile(tiny["moe"]["golden"]["input_ids"], (1, 8)))  # 96 tokens: every split is taken
+    monkeypatch.setenv("MLX_QWEN36_CPU_THREADS", "1")
+    one = np.array(model(ids))
+    monkeypatch.setenv("MLX_QWEN36_CPU_THREADS", "2")
+    two = np.array(model(ids))
+    assert np.abs(one - two).max() <= 1e-5
+
+
+# --- compiled decode step -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relayout", [False, True])
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_decode_step_equals_plain_call(tiny, kind, relayout):
+    g = tiny[kind]["golden"]
+    model = load_model(tiny[kind]["hf"])
+    if relayout:
+        relayout_for_cpu(model)
+    step = make_decode_step(model)
+    ids = mx.array(g["input_ids"])  # [2, 12]: batch rows decode independently
+    plain, fast = model.make_cache(), model.make_cache()
+    model.prefill(ids, plain)
+    model.prefill(ids, fast)
+    token = mx.array(g["input_ids"][:, -1:])
+    steps = 270  # past one KV growth (256 rows), so the step is traced again
+    for i in range(steps):
+        want = model(token, plain)
+        got = step(token, fast)
+        mx.eval(want, got, [c.state for c in plain], [c.state for c in fast])
+        assert got.shape == want.shape
+        assert max_diff(got, want) <= 1e-5, f"step {i}"
+        token = mx.argmax(want[:, -1], axis=-1)[:, None]
+    for a, b in zip(plain, fast):
+        assert a.offset == b.offset == 12 + steps
+        for x, y in zip(a.state, b.state):
+            assert x.shape == y.shape and max_diff(x, y) <= 1e-5
+
+
+def test_decode_step_after_restore(tiny):
+    model = load_model(tiny["moe"]["hf"])
+    step = make_decode_step(model)
+    cache = model.make_cache()
+    model.prefill(mx.array(tiny["moe"]["golden"]["input_ids"][:1]), cache)
+    token = mx.array([[7]])
+    before = snapshot(cache)
+    first = step(token, cache)
+    mx.eval(first, [c.state for c in cache])
+    step(mx.array([[9]]), cache)
+    restore(cache, before)
+    again = step(token, cache)
+    assert max_diff(first, again) == 0.0
+    assert all(c.offset == 13 for c in cache)
+
+
+def test_decode_step_from_an_empty_cache(tiny):
+    model = load_model(tiny["dense"]["hf"])
+    step = make_decode_step(model)
+    plain, fast = model.make_cache(), model.make_cache()
+    token = mx.array([[3]])
+    assert max_diff(step(token, fast), model(token, plain)) <= 1e-5
+
+
+def _flat(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
