@@ -10,7 +10,7 @@ token it fully processed, so the conversation can go on.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ import mlx.core as mx
 from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .detokenizer import StreamingDetokenizer
+from .fast import decode_step
 from .model import DEFAULT_PREFILL_CHUNK, Model
 from .multimodal import MediaPrompt, collect_media, embed, media_prompt, with_media
 from .positions import text_position_ids
@@ -106,15 +107,19 @@ def build_prompt(processor: Any, prompt: str | Sequence[Any], tools: Sequence[di
 
 
 def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], logits: bool, keys: list[int] | None = None,
-                 embeddings: mx.array | None = None, position_ids: mx.array | None = None) -> mx.array:
+                 embeddings: mx.array | None = None, position_ids: mx.array | None = None,
+                 step: Callable | None = None) -> mx.array:
     """Push tokens through the cache; on any interruption roll the cache back to before them.
 
-    `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys).
+    `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys); `step` is the
+    compiled one-token decode step, used for plain text tokens.
     """
     before = snapshot_cache(pc.cache)
     try:
         x = mx.array([tokens])
-        if logits:
+        if logits and step is not None and len(tokens) == 1 and position_ids is None and embeddings is None:
+            out = step(x, pc.cache)[:, -1]
+        elif logits:
             out = model(x, pc.cache, position_ids=position_ids, input_embeddings=embeddings)[:, -1]
         else:
             out = model.model(x, pc.cache, position_ids, embeddings)
@@ -219,6 +224,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
     stats = {"prompt_tokens": len(ids), "cached_tokens": cached,
              "prompt_tps": (len(ids) - cached) / max(prompt_time, 1e-9)}
 
+    step = decode_step(model) if isinstance(model, Model) else None
     sampler = Sampler(params)
     detok = StreamingDetokenizer(processor)
     parser = StreamParser(initial_phase(text), list(tools) if tools else None)
@@ -260,7 +266,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
             if len(generated) == min(max_tokens, room):
                 break
             positions = text_position_ids(len(pc.tokens), 1, rope_delta) if rope_delta else None
-            logits = _atomic_step(model, pc, [token], logits=True, position_ids=positions)
+            logits = _atomic_step(model, pc, [token], logits=True, position_ids=positions, step=step)
         events = []
         if not stopped_by_string:
             tail, stopped_by_string = stopper.feed(detok.finalize())

@@ -201,6 +201,7 @@ def test_interrupted_generation_leaves_a_consistent_cache(chat, monkeypatch):
         return real_step(model_, pc_, tokens, logits, *args, **kwargs)
 
     monkeypatch.setattr(gen, "_atomic_step", interrupting)
+    monkeypatch.setattr(gen, "decode_step", lambda model: None)  # the uncompiled pass, to interrupt it midway
     with pytest.raises(KeyboardInterrupt):
         for _ in stream_generate(model, processor, "Hi", max_tokens=10, temperature=0, prompt_cache=pc):
             pass
