@@ -35,7 +35,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote, unquote_to_bytes, urlparse
 
 import numpy as np
@@ -353,8 +353,29 @@ _IMAGE_FIELDS = (
 )
 
 
+class FromConfig:
+    """`from_dict` / `from_pretrained` for the processor dataclasses, which name their file and config fields."""
+
+    CONFIG_FILE: ClassVar[str]
+    FIELDS: ClassVar[tuple[str, ...]]
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], source: str | None = None) -> Any:
+        """From a config mapping; unknown keys (processor_class, …) are ignored."""
+        min_pixels, max_pixels = pixel_budget(config, cls.min_pixels, cls.max_pixels, source or cls.CONFIG_FILE)
+        return cls(min_pixels=min_pixels, max_pixels=max_pixels, **config_kwargs(config, cls.FIELDS))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Any:
+        """From `folder/<CONFIG_FILE>`, or the released defaults when the file is absent."""
+        path = Path(folder).expanduser() / cls.CONFIG_FILE
+        return cls.from_dict(read_config_file(path), str(path)) if path.is_file() else cls()
+
+
 @dataclasses.dataclass
-class ImageProcessor:
+class ImageProcessor(FromConfig):
     """Qwen3.6 image preprocessing; defaults are the released `preprocessor_config.json` values.
 
     `processor(images=[...])` → `{"pixel_values": float32 [N, 1536], "image_grid_thw": int64 [n, 3]}`, the
@@ -375,20 +396,11 @@ class ImageProcessor:
     do_rescale: bool = True
     do_normalize: bool = True
 
+    CONFIG_FILE: ClassVar[str] = PREPROCESSOR_CONFIG_FILE
+    FIELDS: ClassVar[tuple[str, ...]] = _IMAGE_FIELDS
+
     def __post_init__(self) -> None:
         validate_common(self)
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any], source: str = "image processor config") -> ImageProcessor:
-        """From a `preprocessor_config.json` mapping; unknown keys (processor_class, …) are ignored."""
-        min_pixels, max_pixels = pixel_budget(config, cls.min_pixels, cls.max_pixels, source)
-        return cls(min_pixels=min_pixels, max_pixels=max_pixels, **config_kwargs(config, _IMAGE_FIELDS))
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> ImageProcessor:
-        """From `folder/preprocessor_config.json`, or the released defaults when the file is absent."""
-        path = Path(folder).expanduser() / PREPROCESSOR_CONFIG_FILE
-        return cls.from_dict(read_config_file(path), str(path)) if path.is_file() else cls()
 
     @property
     def factor(self) -> int:

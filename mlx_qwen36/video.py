@@ -37,20 +37,18 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
 from mlx_qwen36.image_processor import (
     BICUBIC,
+    FromConfig,
     _describe,
-    config_kwargs,
     load_image,
     normalize_to_float,
     patchify,
-    pixel_budget,
-    read_config_file,
     read_source_bytes,
     resize_rgb,
     to_rgb_array,
@@ -315,7 +313,7 @@ _VIDEO_FIELDS = (
 
 
 @dataclasses.dataclass
-class VideoProcessor:
+class VideoProcessor(FromConfig):
     """Qwen3.6 video preprocessing; defaults are the released `video_preprocessor_config.json` values and
     `Qwen3VLVideoProcessor`'s class defaults (fps 2, 4-768 frames).
 
@@ -342,24 +340,15 @@ class VideoProcessor:
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 768
 
+    CONFIG_FILE: ClassVar[str] = VIDEO_PREPROCESSOR_CONFIG_FILE
+    FIELDS: ClassVar[tuple[str, ...]] = _VIDEO_FIELDS
+
     def __post_init__(self) -> None:
         validate_common(self)
         if self.min_frames < 1 or self.max_frames < 1 or self.min_frames > self.max_frames:
             raise ValueError(f"need 1 <= min_frames <= max_frames, got {self.min_frames} and {self.max_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any], source: str = "video processor config") -> VideoProcessor:
-        """From a `video_preprocessor_config.json` mapping; unknown keys are ignored."""
-        min_pixels, max_pixels = pixel_budget(config, cls.min_pixels, cls.max_pixels, source)
-        return cls(min_pixels=min_pixels, max_pixels=max_pixels, **config_kwargs(config, _VIDEO_FIELDS))
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> VideoProcessor:
-        """From `folder/video_preprocessor_config.json`, or the released defaults when the file is absent."""
-        path = Path(folder).expanduser() / VIDEO_PREPROCESSOR_CONFIG_FILE
-        return cls.from_dict(read_config_file(path), str(path)) if path.is_file() else cls()
 
     # -- geometry ------------------------------------------------------------------------------------
 
