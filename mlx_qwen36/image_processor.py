@@ -353,13 +353,25 @@ _IMAGE_FIELDS = (
 )
 
 
+@dataclasses.dataclass
 class FromConfig:
-    """`from_dict` / `from_pretrained` for the processor dataclasses, which name their file and config fields."""
+    """What the image and video processors share: the pixel budget and patch/normalisation fields, and loading
+    them with `from_dict` / `from_pretrained` (each subclass names its config file and fields)."""
 
     CONFIG_FILE: ClassVar[str]
     FIELDS: ClassVar[tuple[str, ...]]
-    min_pixels: int
-    max_pixels: int
+    min_pixels: int = 65536  # size.shortest_edge
+    max_pixels: int = 16777216  # size.longest_edge
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    resample: int = BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], source: str | None = None) -> Any:
@@ -382,19 +394,6 @@ class ImageProcessor(FromConfig):
     outputs of transformers' `Qwen2VLImageProcessorPil` with the same configuration. Build it from a
     checkpoint folder with `ImageProcessor.from_pretrained(folder)` or from a config dict with `from_dict`.
     """
-
-    min_pixels: int = 65536  # size.shortest_edge
-    max_pixels: int = 16777216  # size.longest_edge
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    resample: int = BICUBIC
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
 
     CONFIG_FILE: ClassVar[str] = PREPROCESSOR_CONFIG_FILE
     FIELDS: ClassVar[tuple[str, ...]] = _IMAGE_FIELDS

@@ -43,7 +43,6 @@ import numpy as np
 from PIL import Image
 
 from mlx_qwen36.image_processor import (
-    BICUBIC,
     FromConfig,
     _describe,
     load_image,
@@ -323,16 +322,6 @@ class VideoProcessor(FromConfig):
 
     min_pixels: int = 4096  # size.shortest_edge, for the whole clip
     max_pixels: int = 25165824  # size.longest_edge, for the whole clip
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    resample: int = BICUBIC
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
     fps: float | None = 2.0  # frames sampled per second of video; None keeps every frame
     min_frames: int = 4
     max_frames: int = 768
