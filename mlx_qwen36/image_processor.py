@@ -21,8 +21,9 @@ from files, bytes or data URLs get their EXIF orientation applied first, as tran
 images passed in are used as they are. Remote `http(s)://` URLs are not fetched. Any input that cannot be read
 raises ValueError naming it.
 
-The building blocks (`smart_resize`, `load_image`, `to_rgb_array`, `resize_rgb`, `normalize_to_float`,
-`patchify`) are shared with `mlx_qwen36.video`, so videos go through the same tested code.
+`load_image`, `to_rgb_array`, `normalize_to_float` and `patchify` are shared with `mlx_qwen36.video`; videos are
+resized with `mlx_qwen36.resample` instead of Pillow and normalised in the fused form of transformers' torchvision
+backend, as its video processor does.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ImageProcessor",
+    "as_tensors",
     "load_image",
     "normalize_to_float",
     "patchify",
@@ -234,18 +236,31 @@ class _Normalizer:
     rescale_factor: float | None
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    fused: bool = False
 
     def table(self) -> np.ndarray:
-        """[3, 256] float32: the value each uint8 level maps to, per channel, with transformers' rounding."""
+        """[3, 256] float32: the value each uint8 level maps to, per channel, with the reference's rounding.
+
+        Unfused (transformers' PIL/NumPy backend): `float32(float64(x)·rescale)`, then `(x - mean) / std` in float32.
+        Fused (its torchvision backend, which video goes through): one `(x - mean/rescale) / (std/rescale)` in
+        float32, the folded mean and std rounded to float32 first.
+        """
         levels = np.arange(256, dtype=np.float64)[None, :].repeat(3, axis=0)
-        if self.rescale_factor is not None:
-            values = (levels * self.rescale_factor).astype(np.float32)  # np_rescale: float64 product → float32
-        else:
+        if self.fused and self.rescale_factor is not None and self.mean is not None:
+            inverse = np.float32(1.0 / self.rescale_factor)
+            mean = np.asarray(self.mean, dtype=np.float32)[:, None] * inverse
+            std = np.asarray(self.std, dtype=np.float32)[:, None] * inverse
+            return (levels.astype(np.float32) - mean) / std
+        if self.rescale_factor is None:
             values = levels.astype(np.float32)
+        elif self.fused:
+            values = levels.astype(np.float32) * np.float32(self.rescale_factor)  # a float32 tensor product
+        else:
+            values = (levels * self.rescale_factor).astype(np.float32)  # np_rescale: float64 product → float32
         if self.mean is not None:
             mean = np.asarray(self.mean, dtype=np.float32)[:, None]
             std = np.asarray(self.std, dtype=np.float32)[:, None]
-            values = (values - mean) / std  # np_normalize: float32 arithmetic
+            values = (values - mean) / std  # float32 arithmetic
         return values.astype(np.float32)
 
 
@@ -254,11 +269,15 @@ def normalize_to_float(
     rescale_factor: float | None = 1 / 255,
     mean: Sequence[float] | None = (0.5, 0.5, 0.5),
     std: Sequence[float] | None = (0.5, 0.5, 0.5),
+    fused: bool = False,
 ) -> np.ndarray:
-    """uint8 `(..., 3)` → float32 `(..., 3)`: `(float32(x·rescale) - mean) / std`, None skips a step."""
+    """uint8 `(..., 3)` → float32 `(..., 3)`: `(float32(x·rescale) - mean) / std`, None skips a step; `fused`
+    rounds like transformers' torchvision backend instead (see `_Normalizer.table`)."""
     table = _Normalizer(
-        rescale_factor, None if mean is None else tuple(mean), None if std is None else tuple(std)
+        rescale_factor, None if mean is None else tuple(mean), None if std is None else tuple(std), fused
     ).table()
+    if (table == table[0]).all():  # one lookup over contiguous memory when the channels share mean and std
+        return np.take(table[0], rgb)
     out = np.empty(rgb.shape, dtype=np.float32)
     for channel in range(3):
         np.take(table[channel], rgb[..., channel], out=out[..., channel])
@@ -286,6 +305,17 @@ def patchify(frames: np.ndarray, patch_size: int = 16, merge_size: int = 2, temp
     patches = patches.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
     flat = np.ascontiguousarray(patches).reshape(gt * gh * gw, channels * temporal_patch_size * patch_size**2)
     return flat, (gt, gh, gw)
+
+
+def as_tensors(outputs: dict[str, Any], return_tensors: str | None) -> dict[str, Any]:
+    """transformers' `return_tensors`: None or "np" keeps the NumPy arrays, "mlx" turns them into `mx.array`."""
+    if return_tensors in (None, "np"):
+        return outputs
+    if return_tensors != "mlx":
+        raise ValueError(f"return_tensors must be None, 'np' or 'mlx', got {return_tensors!r}")
+    import mlx.core as mx
+
+    return {key: mx.array(value) if isinstance(value, np.ndarray) else value for key, value in outputs.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -453,10 +483,13 @@ class ImageProcessor(FromConfig):
             raise ValueError(f"{name}: {exc} (do_resize is off)") from exc
         return patches, grid
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], return_tensors: str | None = None
+    ) -> dict[str, Any]:
         """Images → `{"pixel_values": float32 [N, C·tp·p·p], "image_grid_thw": int64 [n, 3]}`.
 
-        `images` is one image or a list of them (PIL images, paths, bytes, data: URLs, uint8 arrays).
+        `images` is one image or a list of them (PIL images, paths, bytes, data: URLs, uint8 arrays). The arrays
+        are NumPy, or `mx.array` with `return_tensors="mlx"`.
         """
         if isinstance(images, (list, tuple)):
             items = list(images)
@@ -470,9 +503,10 @@ class ImageProcessor(FromConfig):
             patches, grid = self.preprocess_one(image, name)
             all_patches.append(patches)
             grids.append(grid)
-        return {
+        outputs = {
             "pixel_values": np.concatenate(all_patches, axis=0),
             "image_grid_thw": np.asarray(grids, dtype=np.int64),
         }
+        return as_tensors(outputs, return_tensors)
 
     preprocess = __call__

@@ -14,18 +14,20 @@ Per video:
 2. `smart_resize` with the frame count: the pixel budget (`size.shortest_edge`/`longest_edge`, 4096 and
    25,165,824 in the release) covers `t·h·w`, the whole clip. With `cap_pixels_per_frame` the qwen-vl-utils
    per-frame cap applies (transformers 5.24 leaves it off by default, and so do we).
-3. Each frame is resized with Pillow's bicubic and rescaled/normalised exactly like an image
-   (`mlx_qwen36.image_processor`); an odd frame count is padded by repeating the last frame.
+3. Each frame is resized exactly as torchvision's antialiased uint8 resize does (`mlx_qwen36.resample`:
+   bicubic or bilinear, horizontal pass first), then rescaled and normalised with the torchvision backend's
+   fused `(x - mean/rescale) / (std/rescale)`; an odd frame count is padded by repeating the last frame.
 4. Patches `[gt·gh·gw, 1536]` in the image order, per temporal pair; `video_grid_thw = (n/2, H/16, W/16)`.
 5. Timestamps: each temporal pair gets the mean time of its two frames, `index / video_fps` (the padded frame
    counts with its own index), as `Qwen3VLProcessor._calculate_timestamps` does. The prompt shows them as
    `<{t:.1f} seconds>`; see `Processor.expand_vision_tokens`.
 
-Differences from transformers, by design: frames are resized with Pillow's bicubic (the image path's resize)
-where transformers' video processor uses torchvision's, which rounds slightly differently; a one-frame video is
-padded to two frames instead of being rejected; a container that does not report its frame count is counted by
-decoding it (transformers' PyAV reader would fail); frames are resized as they are decoded, so a long video
-never holds all its full-size frames in memory.
+`pixel_values_videos`, `video_grid_thw`, the sampled indices and the timestamps equal transformers' (tested
+live against `Qwen3VLVideoProcessor` with torchvision). Differences, by design: a one-frame video is padded to two
+frames instead of being rejected; `do_sample_frames=False` still keeps at most `max_frames` frames (with a
+warning); a container that does not report its frame count is counted by decoding it (transformers' PyAV reader
+would fail); frames are resized as they are decoded, on up to `RESIZE_WORKERS` threads, so a long video never
+holds more than a few of its full-size frames in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ import dataclasses
 import io
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import os
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,14 +50,15 @@ from PIL import Image
 from mlx_qwen36.image_processor import (
     FromConfig,
     _describe,
+    as_tensors,
     load_image,
     normalize_to_float,
     patchify,
     read_source_bytes,
-    resize_rgb,
     to_rgb_array,
     validate_common,
 )
+from mlx_qwen36.resample import RESAMPLE_FILTERS, resize_uint8
 
 __all__ = [
     "Video",
@@ -68,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 VIDEO_PREPROCESSOR_CONFIG_FILE = "video_preprocessor_config.json"
 DEFAULT_VIDEO_FPS = 24.0  # what transformers assumes when frames come without their fps
+RESIZE_WORKERS = min(8, os.cpu_count() or 1)  # threads resizing frames; NumPy releases the GIL while it works
 PIP_HINT = "pip install 'mlx-qwen36[video]'"
 UNSUPPORTED_CODEC = (
     "unsupported video codec: the FFmpeg libraries PyAV uses have no decoder for it; re-encode the video "
@@ -121,7 +128,8 @@ def sample_frame_indices(
     name: str = "video",
 ) -> np.ndarray:
     """transformers' `Qwen3VLVideoProcessor.sample_frames`: `fps` frames per second of video, at least
-    `min_frames`, at most `max_frames` and `total_num_frames`, spread by `linspace(...).round()`.
+    `min_frames`, at most `max_frames` and `total_num_frames`, spread by `linspace(...).round()`; as there are
+    no more of them than frames, they strictly increase.
 
     `fps=None` keeps every frame (up to max_frames). Logs a warning when max_frames lowers the rate.
     """
@@ -277,27 +285,63 @@ class _Container:
         self.container.close()
 
 
-def _decode_selected(
-    container: _Container, indices: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]
-) -> tuple[list[np.ndarray], int]:
-    """The frames at `indices` (sorted, may repeat), each passed through `convert` right after decoding.
+class _Resizer:
+    """Resizes a clip's frames to one size, fixed by the first frame, on worker threads; keeps the order and at
+    most two frames per worker waiting at full size, so a long video never holds many of them.
 
-    Returns (frames, frames_seen); fewer frames than indices means the stream ended early.
+    Called from one thread only (the decoding loop); `frames()` waits for the last results.
     """
-    wanted: dict[int, int] = {}
-    for index in indices.tolist():
-        wanted[index] = wanted.get(index, 0) + 1
+
+    def __init__(self, processor: VideoProcessor, count: int, name: str, workers: int | None = None) -> None:
+        workers = RESIZE_WORKERS if workers is None else workers
+        self.processor, self.count, self.name = processor, count, name
+        self.size: tuple[int, int] | None = None
+        self.target: tuple[int, int] | None = None
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mlx_qwen36-resize") if workers > 1 else None
+        self.limit = 2 * workers
+        self.pending: deque[Future] = deque()
+        self.done: list[np.ndarray] = []
+
+    def __call__(self, rgb: np.ndarray) -> None:
+        if self.target is None:
+            self.size = rgb.shape[:2]
+            self.target = self.processor._target(self.count, rgb.shape[0], rgb.shape[1], self.name)
+        if self.pool is None:
+            self.done.append(resize_uint8(rgb, *self.target, self.processor.resample))
+            return
+        self.pending.append(self.pool.submit(resize_uint8, rgb, *self.target, self.processor.resample))
+        if len(self.pending) > self.limit:
+            self._collect()
+
+    def _collect(self) -> None:
+        self.done.append(self.pending.popleft().result())
+
+    def frames(self) -> list[np.ndarray]:
+        while self.pending:
+            self._collect()
+        return self.done
+
+    def __enter__(self) -> _Resizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _decode_selected(container: _Container, indices: np.ndarray, resizer: _Resizer) -> int:
+    """Hand the frames at `indices` (increasing) to `resizer` as they are decoded; returns how many frames the
+    stream yielded up to the last index (fewer than it declared when it ended early)."""
+    wanted = set(indices.tolist())
     last = int(indices[-1])
-    out: list[np.ndarray] = []
     seen = 0
     for i, frame in enumerate(container.frames()):
         seen = i + 1
         if i in wanted:
-            converted = convert(frame.to_ndarray(format="rgb24"))
-            out.extend([converted] * wanted[i])
+            resizer(frame.to_ndarray(format="rgb24"))
         if i >= last:
             break
-    return out, seen
+    return seen
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -338,6 +382,11 @@ class VideoProcessor(FromConfig):
             raise ValueError(f"need 1 <= min_frames <= max_frames, got {self.min_frames} and {self.max_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
+        if self.do_resize and self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(
+                f"resample={self.resample}: video frames are resized like torchvision's antialiased resize, which "
+                "is implemented for bilinear (2) and bicubic (3)"
+            )
 
     # -- geometry ------------------------------------------------------------------------------------
 
@@ -380,6 +429,7 @@ class VideoProcessor(FromConfig):
             self.rescale_factor if self.do_rescale else None,
             self.image_mean if self.do_normalize else None,
             self.image_std if self.do_normalize else None,
+            fused=True,
         )
         try:
             return patchify(stack, self.patch_size, self.merge_size, self.temporal_patch_size)
@@ -410,15 +460,13 @@ class VideoProcessor(FromConfig):
             )
             video_fps = DEFAULT_VIDEO_FPS
         indices = self.sample_indices(len(frames), video_fps, name)
-        rgb = {}
-        for i in sorted(set(indices.tolist())):
-            frame_name = f"{name} frame {i}"
-            rgb[i] = to_rgb_array(load_image(frames[i], frame_name), frame_name)
-        height, width = rgb[int(indices[0])].shape[:2]
-        target = self._target(len(indices), height, width, name)
-        resized = {i: resize_rgb(image, *target, self.resample) for i, image in rgb.items()}
-        metadata = VideoMetadata(len(frames), float(video_fps), indices.tolist(), width, height, name)
-        return [resized[i] for i in indices.tolist()], metadata
+        with _Resizer(self, len(indices), name) as resizer:
+            for i in indices.tolist():
+                frame_name = f"{name} frame {i}"
+                resizer(to_rgb_array(load_image(frames[i], frame_name), frame_name))
+            resized = resizer.frames()
+        height, width = resizer.size
+        return resized, VideoMetadata(len(frames), float(video_fps), indices.tolist(), width, height, name)
 
     def _from_file(self, source: Any, name: str):
         container = _Container(source, name)
@@ -434,21 +482,11 @@ class VideoProcessor(FromConfig):
             total = container.count_frames()
             if total == 0:
                 raise ValueError(f"{name}: the video has no frames")
-        size: list[tuple[int, int]] = []
-        target: list[tuple[int, int]] = []
-
         for _attempt in range(2):
             indices = self.sample_indices(total, fps, name)
-            size.clear()
-            target.clear()
-
-            def convert(rgb: np.ndarray, count: int = len(indices)) -> np.ndarray:
-                if not target:
-                    size.append(rgb.shape[:2])
-                    target.append(self._target(count, rgb.shape[0], rgb.shape[1], name))
-                return resize_rgb(rgb, *target[0], self.resample)
-
-            frames, seen = _decode_selected(container, indices, convert)
+            with _Resizer(self, len(indices), name) as resizer:
+                seen = _decode_selected(container, indices, resizer)
+                frames = resizer.frames()
             if len(frames) == len(indices):
                 break
             if seen == 0:
@@ -457,7 +495,7 @@ class VideoProcessor(FromConfig):
             total = seen
         else:  # pragma: no cover - the second pass samples within the frames counted by the first
             raise ValueError(f"{name}: the video's frame count is inconsistent between decoding passes")
-        height, width = size[0]
+        height, width = resizer.size
         return frames, VideoMetadata(total, float(fps), indices.tolist(), width, height, name)
 
     def load(self, video: Any, fps: float | None = None, name: str | None = None):
@@ -487,11 +525,12 @@ class VideoProcessor(FromConfig):
         timestamps = pair_timestamps(metadata.frames_indices, metadata.fps, self.temporal_patch_size)
         return patches, grid, timestamps, metadata
 
-    def __call__(self, videos: Any, fps: float | None = None) -> dict[str, Any]:
+    def __call__(self, videos: Any, fps: float | None = None, return_tensors: str | None = None) -> dict[str, Any]:
         """Videos → `{"pixel_values_videos", "video_grid_thw", "video_timestamps", "video_metadata"}`.
 
         `videos` is one video or a list of videos. A list made only of frames (PIL images, `(H, W, C)`
-        arrays) is one video. `fps` is the frame rate of videos given as frames without one.
+        arrays) is one video. `fps` is the frame rate of videos given as frames without one. The arrays are
+        NumPy, or `mx.array` with `return_tensors="mlx"`.
         """
         if _is_single_video(videos):
             items = [videos]
@@ -507,12 +546,13 @@ class VideoProcessor(FromConfig):
             grids.append(grid)
             stamps.append(timestamps)
             metas.append(metadata)
-        return {
+        outputs = {
             "pixel_values_videos": np.concatenate(all_patches, axis=0),
             "video_grid_thw": np.asarray(grids, dtype=np.int64),
             "video_timestamps": stamps,
             "video_metadata": metas,
         }
+        return as_tensors(outputs, return_tensors)
 
     preprocess = __call__
 

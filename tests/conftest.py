@@ -48,6 +48,16 @@ def reference_available() -> bool:
     return True
 
 
+def require_video_reference() -> None:
+    """transformers' video processor needs torchvision, which the reference extra installs with torch."""
+    if not reference_available():
+        pytest.skip("torch and transformers are not installed (reference extra): cannot compare with transformers")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"torchvision does not import ({exc}): transformers' video processor needs it (reference extra)")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """Tiny checkpoints and reference logits per kind: {"moe": {"hf": dir, "release": dir, "golden": npz}, ...}.

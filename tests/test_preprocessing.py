@@ -1,65 +1,39 @@
-"""Image and video preprocessing and the vision prompt expansion (ARCHITECTURE.md §7).
+"""Image preprocessing and the vision prompt expansion (ARCHITECTURE.md §7); videos are in test_video.py.
 
 - Images: bit-for-bit parity with transformers 5.24's `Qwen2VLImageProcessorPil` (built from the same
   preprocessor_config.json) over many sizes, extreme aspect ratios, both pixel-budget limits and the PIL modes
   and array layouts users send; the aspect-ratio limit; every input form (path, bytes, data: URL, file:// URL,
   EXIF-rotated JPEG); clear errors for bad inputs.
-- Videos (transformers' video processor needs torchvision, which is unusable here): small clips are encoded
-  with PyAV in the test, then frame counts, sampled indices, timestamps and grids are checked against the
-  spec's formulas, and every frame's patches against the parity-tested image pipeline run on the same decoded
-  frames.
-- Prompt expansion with the real Qwen3.6 tokenizer: exact text and token ids for images and a video.
-"""
+- Prompt expansion with the real Qwen3.6 tokenizer: exact text and token ids for images and a video, and the
+  token ids, pixels and grids of transformers' `Qwen3VLProcessor` for the same messages."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import logging
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_video_reference
+from media_fixture import RELEASED_IMAGE_CONFIG, RELEASED_VIDEO_CONFIG, noise, noise_frames, write_config
 from PIL import Image
 from tokenizer_fixture import qwen36_processor_dir_or_skip
 
 from mlx_qwen36.image_processor import ImageProcessor, smart_resize
 from mlx_qwen36.processor import Processor, load_processor
-from mlx_qwen36.video import Video, VideoProcessor, load_video, pair_timestamps, sample_frame_indices
+from mlx_qwen36.video import Video, VideoProcessor
 
-RELEASED_CONFIG = {
-    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor",
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-}
 # A small budget (4-16 merge blocks) so images below the minimum and above the maximum stay cheap.
-SMALL_CONFIG = {**RELEASED_CONFIG, "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 16 * 32 * 32}}
+SMALL_CONFIG = {**RELEASED_IMAGE_CONFIG, "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 16 * 32 * 32}}
 
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 248056, 248057, 248053, 248054
-
-
-def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    """Random pixels: the hardest case for resampling parity."""
-    return np.random.default_rng(seed + height * 7919 + width).integers(0, 256, (height, width, channels), np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Image parity with transformers' PIL backend
 # --------------------------------------------------------------------------------------------------------
-
-
-def write_config(folder: Path, config: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "preprocessor_config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +43,7 @@ def processors(tmp_path_factory) -> dict:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = {}
-    for name, config in (("released", RELEASED_CONFIG), ("small", SMALL_CONFIG)):
+    for name, config in (("released", RELEASED_IMAGE_CONFIG), ("small", SMALL_CONFIG)):
         folder = write_config(tmp_path_factory.mktemp(name), config)
         out[name] = (ImageProcessor.from_pretrained(folder), Qwen2VLImageProcessorPil.from_pretrained(folder))
     return out
@@ -280,229 +254,6 @@ def test_no_images_is_an_error():
 
 
 # --------------------------------------------------------------------------------------------------------
-# Video
-# --------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def av():
-    return pytest.importorskip("av", reason="PyAV encodes and decodes the test videos (pip install av)")
-
-
-def gradient_frame(index: int, height: int, width: int) -> np.ndarray:
-    """A coloured gradient that moves with the frame index, so every frame differs."""
-    y = np.linspace(0, 1, height)[:, None]
-    x = np.linspace(0, 1, width)[None, :]
-    frame = np.stack(
-        [
-            255 * ((x + index / 24) % 1.0) * np.ones_like(y),
-            255 * ((y + index / 12) % 1.0) * np.ones_like(x),
-            np.full((height, width), (index * 37) % 256, dtype=np.float64),
-        ],
-        axis=-1,
-    )
-    return frame.astype(np.uint8)
-
-
-def encode_video(av, path: Path, frames: int, fps: int, height: int, width: int, codec: str = "mpeg4") -> Path:
-    container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    for index in range(frames):
-        frame = av.VideoFrame.from_ndarray(gradient_frame(index, height, width), format="rgb24")
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
-
-
-def decode_all(av, path: Path) -> list[np.ndarray]:
-    """Every frame, decoded independently of mlx_qwen36.video."""
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
-
-def spec_indices(total: int, video_fps: float, fps: float = 2, min_frames: int = 4, max_frames: int = 768):
-    n = min(max(int(total / video_fps * fps), min_frames), max_frames, total)
-    return np.linspace(0, total - 1, n).round().astype(int).tolist()
-
-
-def video_rows_match_image_pipeline(result: dict, frames: list[np.ndarray], image_processor: ImageProcessor):
-    """Each temporal pair's two halves equal the image pipeline's patches of its two frames."""
-    t, gh, gw = (int(v) for v in result["video_grid_thw"][0])
-    video = result["pixel_values_videos"].reshape(t, gh * gw, 3, 2, 16, 16)
-    padded = frames + [frames[-1]] * (len(frames) % 2)
-    assert len(padded) == 2 * t
-    for k, frame in enumerate(padded):
-        image = image_processor(images=frame)
-        assert image["image_grid_thw"].tolist() == [[1, gh, gw]]
-        image_rows = image["pixel_values"].reshape(gh * gw, 3, 2, 16, 16)
-        np.testing.assert_array_equal(video[k // 2, :, :, k % 2], image_rows[:, :, 0])
-
-
-@pytest.mark.parametrize(
-    ("frames", "fps", "height", "width", "codec"),
-    [(24, 10, 64, 96, "mpeg4"), (35, 10, 64, 96, "libx264"), (50, 25, 72, 104, "mpeg4")],
-)
-def test_video_file_sampling_grid_timestamps_and_patches(av, tmp_path, frames, fps, height, width, codec):
-    if codec not in av.codecs_available:
-        codec = "mpeg4"
-    path = encode_video(av, tmp_path / "clip.mp4", frames, fps, height, width, codec)
-    processor = VideoProcessor()
-    result = processor(videos=[str(path)])
-
-    indices = spec_indices(frames, fps)
-    metadata = result["video_metadata"][0]
-    assert (metadata.total_num_frames, metadata.fps, metadata.frames_indices) == (frames, fps, indices)
-    assert (metadata.height, metadata.width) == (height, width)
-
-    padded = indices + [indices[-1]] * (len(indices) % 2)
-    want_times = [(padded[i] / fps + padded[i + 1] / fps) / 2 for i in range(0, len(padded), 2)]
-    assert result["video_timestamps"] == [pytest.approx(want_times, abs=1e-12)]
-
-    resized_h, resized_w = smart_resize(height, width, 32, 0, 1 << 40)  # both budgets are far away here
-    assert result["video_grid_thw"].tolist() == [[len(padded) // 2, resized_h // 16, resized_w // 16]]
-    assert result["pixel_values_videos"].shape == (len(padded) // 2 * resized_h // 16 * resized_w // 16, 1536)
-
-    decoded = decode_all(av, path)
-    assert len(decoded) == frames
-    sampled = [decoded[i] for i in indices]
-    raw, raw_metadata = load_video(str(path))
-    assert raw_metadata.frames_indices == indices
-    for got, want in zip(raw, sampled):
-        np.testing.assert_array_equal(got, want)
-    image_processor = ImageProcessor(min_pixels=32 * 32, max_pixels=1 << 40)
-    video_rows_match_image_pipeline(result, sampled, image_processor)
-
-    # The same frames handed over as a list with their fps give the same result.
-    as_frames = processor(videos=[Video(decoded, fps=fps)])
-    np.testing.assert_array_equal(as_frames["pixel_values_videos"], result["pixel_values_videos"])
-    assert as_frames["video_timestamps"] == result["video_timestamps"]
-    as_dict = processor(videos={"frames": [Image.fromarray(f) for f in decoded], "fps": fps})
-    np.testing.assert_array_equal(as_dict["pixel_values_videos"], result["pixel_values_videos"])
-
-
-def test_odd_frame_count_pads_with_the_last_frame(av, tmp_path):
-    path = encode_video(av, tmp_path / "odd.mp4", 35, 10, 64, 96)
-    result = VideoProcessor()(videos=path)
-    assert result["video_metadata"][0].frames_indices == [0, 6, 11, 17, 23, 28, 34]
-    assert result["video_timestamps"][0] == pytest.approx([0.3, 1.4, 2.55, 3.4])
-    t, gh, gw = result["video_grid_thw"][0]
-    assert t == 4
-    last = result["pixel_values_videos"].reshape(t, gh * gw, 3, 2, 16, 16)[-1]
-    np.testing.assert_array_equal(last[:, :, 0], last[:, :, 1])
-
-
-def test_whole_clip_pixel_budget(av, tmp_path):
-    """The budget covers t·h·w: 4 frames of 128x192 under a 4·64·96 budget shrink to 64x96 each."""
-    path = encode_video(av, tmp_path / "big.mp4", 8, 4, 128, 192)
-    processor = VideoProcessor(max_pixels=4 * 64 * 96)
-    result = processor(videos=str(path))
-    assert result["video_metadata"][0].frames_indices == [0, 2, 5, 7]
-    assert result["video_grid_thw"].tolist() == [[2, 4, 6]]
-    assert processor.resized_size(4, 128, 192) == (64, 96)
-    # An image processor whose own budget lands on the same size reproduces every frame's patches.
-    image_processor = ImageProcessor(min_pixels=0, max_pixels=64 * 96)
-    assert image_processor.resized_size(128, 192) == (64, 96)
-    decoded = decode_all(av, path)
-    video_rows_match_image_pipeline(result, [decoded[i] for i in [0, 2, 5, 7]], image_processor)
-    # Below the minimum the clip is enlarged, by the frame-count-aware formula.
-    small = VideoProcessor(min_pixels=4 * 128 * 192)
-    assert small.resized_size(4, 64, 96) == (128, 192)
-
-
-def test_too_many_frames_are_reduced_with_a_warning(av, tmp_path, caplog):
-    path = encode_video(av, tmp_path / "long.mp4", 24, 10, 64, 64)
-    processor = VideoProcessor(fps=10, max_frames=6)
-    with caplog.at_level(logging.WARNING, logger="mlx_qwen36.video"):
-        result = processor(videos=str(path))
-    assert "exceed max_frames=6" in caplog.text
-    assert result["video_metadata"][0].frames_indices == spec_indices(24, 10, fps=10, max_frames=6)
-    assert result["video_grid_thw"][0][0] == 3
-
-
-def test_sampling_formulas():
-    assert sample_frame_indices(24, 10).tolist() == [0, 8, 15, 23]
-    assert sample_frame_indices(3, 30).tolist() == [0, 1, 2]  # min_frames capped by the frame count
-    assert sample_frame_indices(10_000, 1).tolist() == np.linspace(0, 9999, 768).round().astype(int).tolist()
-    assert sample_frame_indices(5, 10, fps=None).tolist() == [0, 1, 2, 3, 4]
-    assert pair_timestamps([0, 8, 15, 23], 10) == pytest.approx([0.4, 1.9])
-    assert pair_timestamps([0, 5, 9], 2) == pytest.approx([1.25, 4.5])
-
-
-def test_single_frame_video_is_padded():
-    frame = noise(64, 64)
-    result = VideoProcessor()(videos=Video([frame], fps=1))
-    assert result["video_grid_thw"].tolist() == [[1, 4, 4]]
-    assert result["video_timestamps"] == [[0.0]]
-
-
-def test_frames_without_fps_assume_24_with_a_warning(caplog):
-    frames = [noise(64, 64, seed=i) for i in range(48)]
-    with caplog.at_level(logging.WARNING, logger="mlx_qwen36.video"):
-        result = VideoProcessor()(videos=frames)
-    assert "assuming 24 fps" in caplog.text
-    assert result["video_metadata"][0].frames_indices == spec_indices(48, 24)
-
-
-def test_zero_frames_is_an_error(av, tmp_path):
-    with pytest.raises(ValueError, match="no frames"):
-        VideoProcessor()(videos=[Video([], fps=10)])
-    path = tmp_path / "empty.avi"
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=10)
-    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-    container.start_encoding()
-    container.close()
-    with pytest.raises(ValueError, match=r"empty\.avi.*no frames"):
-        VideoProcessor()(videos=[str(path)])
-
-
-def test_unsupported_codec_is_a_clear_error(av, tmp_path):
-    path = encode_video(av, tmp_path / "clip.avi", 8, 10, 64, 64)
-    data = path.read_bytes()
-    assert data.count(b"FMP4") >= 1  # the AVI FourCC of FFmpeg's MPEG-4 encoder
-    unknown = tmp_path / "unknown_codec.avi"
-    unknown.write_bytes(data.replace(b"FMP4", b"ZQZQ"))
-    with pytest.raises(ValueError, match=r"unknown_codec\.avi.*unsupported video codec"):
-        VideoProcessor()(videos=[str(unknown)])
-
-
-def test_garbage_and_truncated_video_files_are_clear_errors(av, tmp_path):
-    garbage = tmp_path / "garbage.mp4"
-    garbage.write_bytes(b"definitely not a video " * 20)
-    with pytest.raises(ValueError, match=r"garbage\.mp4.*cannot open the video"):
-        VideoProcessor()(videos=str(garbage))
-    data = encode_video(av, tmp_path / "ok.mp4", 24, 10, 64, 64).read_bytes()
-    truncated = tmp_path / "truncated.mp4"
-    truncated.write_bytes(data[: len(data) // 3])
-    with pytest.raises(ValueError, match=r"truncated\.mp4"):
-        VideoProcessor()(videos=str(truncated))
-    with pytest.raises(ValueError, match="no video file"):
-        VideoProcessor()(videos=str(tmp_path / "absent.mp4"))
-    with pytest.raises(ValueError, match=r"\[T, H, W, C\]"):
-        VideoProcessor()(videos=np.zeros((4, 4), np.uint8))
-
-
-def test_video_bytes_and_data_url(av, tmp_path):
-    path = encode_video(av, tmp_path / "clip.mp4", 24, 10, 64, 96)
-    want = VideoProcessor()(videos=str(path))["pixel_values_videos"]
-    data = path.read_bytes()
-    for form in (data, "data:video/mp4;base64," + base64.b64encode(data).decode()):
-        np.testing.assert_array_equal(VideoProcessor()(videos=form)["pixel_values_videos"], want)
-
-
-def test_missing_pyav_names_the_extra(monkeypatch, tmp_path):
-    path = tmp_path / "clip.mp4"
-    path.write_bytes(b"\x00" * 100)
-    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` fail
-    with pytest.raises(ImportError, match=r"pip install 'mlx-qwen36\[video\]'"):
-        VideoProcessor()(videos=str(path))
-
-
-# --------------------------------------------------------------------------------------------------------
 # Prompt expansion with the real tokenizer
 # --------------------------------------------------------------------------------------------------------
 
@@ -604,3 +355,43 @@ def test_expansion_errors(processor):
     with pytest.raises(ValueError):
         processor.expand_vision_tokens(once + "<|image_pad|>", [[1, 2, 2]])
     assert processor.expand_vision_tokens("no media here") == "no media here"
+
+
+def test_processor_matches_transformers_qwen3vl_processor(processor, shared_dir, tmp_path):
+    """Two images and a video through our processors and expansion, and through transformers' `Qwen3VLProcessor`
+    (PIL image processor, torchvision video processor) on the same rendered prompt: the same pixels, grids and
+    token ids, but for one difference of transformers 5.24. It replaces only the `<|video_pad|>` of the template's
+    `<|vision_start|><|video_pad|><|vision_end|>`, so the clip's frames sit inside an extra start/end pair; we
+    replace the whole triple, as the Qwen3-VL reference processor and vLLM do."""
+    require_video_reference()
+    from transformers import AutoTokenizer, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.video_utils import VideoMetadata
+
+    folder = write_config(tmp_path, RELEASED_IMAGE_CONFIG)
+    write_config(folder, {**RELEASED_VIDEO_CONFIG, "cap_pixels_per_frame": False}, "video_preprocessor_config.json")
+    theirs = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder),
+                              tokenizer=AutoTokenizer.from_pretrained(qwen36_processor_dir_or_skip(shared_dir)),
+                              video_processor=Qwen3VLVideoProcessor.from_pretrained(folder))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Why?"},
+                                             {"type": "image"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    images = [Image.fromarray(noise(300, 500)), Image.fromarray(noise(64, 64, seed=1))]
+    frames = noise_frames(24, 64, 96)
+    want = theirs(text=[text], images=images, videos=[frames], return_tensors="np",
+                  video_metadata=[VideoMetadata(total_num_frames=24, fps=10, height=64, width=96)])
+
+    image_out = processor.image_processor(images=images)
+    video_out = processor.video_processor(videos=Video(frames, fps=10))
+    for key, value in [*image_out.items(), *((k, video_out[k]) for k in ("pixel_values_videos", "video_grid_thw"))]:
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    ids = processor.encode(processor.expand_vision_tokens(
+        text, image_out["image_grid_thw"], video_out["video_grid_thw"], video_out["video_timestamps"]))
+
+    first, last = ids.index(VIDEO_PAD), len(ids) - 1 - ids[::-1].index(VIDEO_PAD)
+    clip_start = first - 1 - 6  # "<0.4 seconds>" is 6 tokens, then <|vision_start|>
+    nested = ids[:clip_start] + [VISION_START] + ids[clip_start:last + 2] + [VISION_END] + ids[last + 2:]
+    assert want["input_ids"][0].tolist() == nested
+    # The token types transformers' positions use are the ones ours derive from the ids.
+    assert want["mm_token_type_ids"][0].tolist() == [1 if i == IMAGE_PAD else 2 if i == VIDEO_PAD else 0
+                                                     for i in nested]
