@@ -289,8 +289,11 @@ class VisionModel(nn.Module):
             start += L
         return runs
 
-    def __call__(self, pixel_values: mx.array, grid_thw: Any) -> mx.array:
+    def __call__(self, pixel_values: mx.array | np.ndarray, grid_thw: Any) -> mx.array:
+        """Features `[patches / merge², out_hidden]` of `pixel_values` `[patches, C·tp·p·p]` (MLX or NumPy, as the
+        processors return them) laid out by `grid_thw` `[n, 3]`."""
         grid = as_grid(grid_thw)
+        pixel_values = mx.array(pixel_values) if not isinstance(pixel_values, mx.array) else pixel_values
         if pixel_values.ndim != 2 or pixel_values.shape[1] != self.cfg.patch_dim:
             raise ValueError(f"pixel_values must have shape [patches, {self.cfg.patch_dim}], "
                              f"got {tuple(pixel_values.shape)}")
