@@ -13,9 +13,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-import reference
 from conftest import KINDS, reference_available
-from reference import SPECIAL_IDS
+from reference import SPECIAL_IDS, write_damped_checkpoint
 
 from mlx_qwen36 import ModelConfig, load_model
 from mlx_qwen36 import vision as vision_module
@@ -276,7 +275,7 @@ def damped(tmp_path_factory):
     out = tmp_path_factory.mktemp("damped")
     models = {}
     for kind in KINDS:
-        path = reference.write_damped_checkpoint(kind, out)
+        path = write_damped_checkpoint(kind, out)
         models[kind] = (load_model(path),
                         AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval())
     return models
