@@ -86,15 +86,6 @@ def tiny(tmp_path_factory) -> dict:
 def chat_dir(shared_dir, tmp_path_factory) -> Path:
     """A tiny random MoE model with the real vocabulary size, and the real Qwen3.6 tokenizer and chat template:
     what the generator, chat and examples tests run on (the reference-built tiny models have a 512-token vocab)."""
-    import shutil
+    from tokenizer_fixture import write_chat_checkpoint
 
-    import mlx.core as mx
-    from tokenizer_fixture import qwen36_processor_dir_or_skip
-
-    from mlx_qwen36 import synthetic
-
-    out = tmp_path_factory.mktemp("chat") / "tiny-moe"
-    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32)
-    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return write_chat_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-moe", shared_dir)

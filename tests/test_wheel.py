@@ -1,4 +1,4 @@
-"""The built wheel works on its own (not only the editable checkout): convert/ and metal/ map into the package."""
+"""The built wheel works on its own (not only the editable checkout) and has the source tree's package layout."""
 
 from __future__ import annotations
 
@@ -22,9 +22,19 @@ def wheel_dir(tmp_path_factory):
     return site
 
 
-def test_wheel_contains_the_mapped_packages(wheel_dir):
-    assert (wheel_dir / "mlx_qwen36" / "convert" / "hf.py").is_file()
-    assert (wheel_dir / "mlx_qwen36" / "model.py").is_file()
+def test_wheel_has_the_source_tree_layout(wheel_dir):
+    # Every module of the source tree's package is in the wheel at the same path, and nothing else is: so
+    # `python -m mlx_qwen36.chat` run from a clone's root (source tree first on sys.path) imports what the wheel has.
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mlx_qwen36").rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts}
+    wheel = {p.relative_to(wheel_dir).as_posix() for p in (wheel_dir / "mlx_qwen36").rglob("*") if p.is_file()}
+    assert "mlx_qwen36/convert/hf.py" in source and "mlx_qwen36/metal/README.md" in source
+    assert source == wheel
+
+
+def test_top_level_convert_and_metal_are_the_package_folders():
+    for name in ("convert", "metal"):
+        assert (ROOT / name).resolve() == (ROOT / "mlx_qwen36" / name).resolve()
 
 
 def test_wheel_loads_a_checkpoint_outside_the_checkout(wheel_dir, tmp_path):

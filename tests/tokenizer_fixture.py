@@ -216,3 +216,27 @@ def qwen36_processor_dir_or_skip(shared_dir: Path) -> Path:
 def qwen36_processor_dir(shared_dir: Path) -> Path:
     """Session fixture form of `qwen36_processor_dir_or_skip` (import it into a test module to use it)."""
     return qwen36_processor_dir_or_skip(shared_dir)
+
+
+def write_chat_checkpoint(out: Path, shared_dir: Path) -> Path:
+    """A tiny random MoE checkpoint with the real vocabulary, tokenizer and chat template in `out`: what the
+    generator, chat and CLI tests run on (and CI's newcomer check, through `python tests/tokenizer_fixture.py`)."""
+    import mlx.core as mx
+
+    from mlx_qwen36 import synthetic
+
+    out = Path(out)
+    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32)
+    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the tests' tiny chat checkpoint (real tokenizer) to OUT.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    args = parser.parse_args()
+    print(write_chat_checkpoint(args.out, args.shared))
