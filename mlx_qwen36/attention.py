@@ -53,31 +53,45 @@ class GatedAttention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset, position_ids)
         k = self.rope(k, offset, position_ids)
-        o = self._attention(q, k, v, cache).transpose(0, 2, 1, 3).reshape(B, T, -1)
+        o = self.attend(q, k, v, cache).transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(o * mx.sigmoid(gate.reshape(B, T, -1)))
 
     def decode(self, x: mx.array, cache: KVCache | None) -> mx.array:
         """One token per row at the cache position, x [B, H] -> [B, H]: the same maths on [B, heads, 1, D] rows,
-        with one cos/sin for q and k."""
+        with one cos/sin for q and k. It is three steps so that the compiled decode step (`fast`) can trace the
+        projections around the attention core, whose shapes grow with the cache."""
+        q, k, v, gate = self.decode_qkv(x, cache.offset if cache is not None else 0)
+        return self.decode_out(self.attend(q, k, v, cache), gate)
+
+    def decode_qkv(self, x: mx.array, position: int | mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """x [B, H] at `position` (an int, or [B] per row) -> rotated q [B, heads, 1, D], k and v [B, kv heads,
+        1, D], and the output gate [B, heads * D]."""
         B = x.shape[0]
         qg = self.q_proj(x).reshape(B, self.num_heads, 2 * self.head_dim)
         q, gate = mx.split(qg, 2, axis=-1)  # per-head interleaved, as split_query_gate
         q = self.q_norm(q).reshape(B, self.num_heads, 1, self.head_dim)
         k = self.k_norm(self.k_proj(x).reshape(B, self.num_kv_heads, 1, self.head_dim))
         v = self.v_proj(x).reshape(B, self.num_kv_heads, 1, self.head_dim)
-        cos, sin = self._rotation(cache.offset if cache is not None else 0, q.dtype)
-        o = self._attention(rotate(q, cos, sin), rotate(k, cos, sin), v, cache)
-        return self.o_proj(o.reshape(B, -1) * mx.sigmoid(gate.reshape(B, -1)))
+        cos, sin = self._rotation(position, q.dtype)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v, gate.reshape(B, -1)
 
-    def _rotation(self, offset: int | mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """cos, sin [half] of one position, computed as `mx.fast.rope`'s CPU path does (YaRN scaling folded in)."""
-        theta = mx.array(offset, dtype=mx.float32) * mx.reciprocal(self.rope.freqs)
+    def decode_out(self, o: mx.array, gate: mx.array) -> mx.array:
+        """Attention output o [B, heads, 1, D] -> [B, H] through the sigmoid gate and o_proj."""
+        return self.o_proj(o.reshape(o.shape[0], -1) * mx.sigmoid(gate))
+
+    def _rotation(self, position: int | mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """cos, sin [half] of one position (or [B, 1, 1, half] for a position per row), computed as
+        `mx.fast.rope`'s CPU path does (YaRN scaling folded in)."""
+        position = mx.array(position, dtype=mx.float32)
+        theta = position[..., None] * mx.reciprocal(self.rope.freqs)
+        if position.ndim == 1:
+            theta = theta[:, None, None, :]
         cos, sin = mx.cos(theta), mx.sin(theta)
         if self.rope.scaling != 1.0:
             cos, sin = cos * self.rope.scaling, sin * self.rope.scaling
         return cos.astype(dtype), sin.astype(dtype)
 
-    def _attention(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
         """q [B, heads, T, D] and this step's rotated k, v [B, kv heads, T, D] -> [B, heads, T, D] over the cache."""
         T = q.shape[2]
         if cache is not None:

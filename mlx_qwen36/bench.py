@@ -239,6 +239,18 @@ class Runner:
             mx.eval(token, cache_arrays(cache))
         return time.perf_counter() - start
 
+    def host_seconds(self, token: mx.array, cache: list, n: int) -> float:
+        """Mean seconds the host spends building one decode step's graph (the part `mx.async_eval` can hide
+        behind the previous step's device work; a Mac's decode is bound by it when it exceeds the device's)."""
+        total = 0.0
+        for _ in range(n):
+            start = time.perf_counter()
+            logits = self.step(token, cache)
+            total += time.perf_counter() - start
+            token = mx.argmax(logits[:, -1], axis=-1)
+            mx.eval(token, cache_arrays(cache))
+        return total / n
+
     def dispatches(self, token: mx.array, cache: list) -> int:
         logits = self.step(token, cache)
         n = count_dispatches(logits, *cache_arrays(cache))
@@ -318,6 +330,7 @@ def measure(runner: Runner, prompts: dict[int, mx.array], decode_tokens: int, pr
             seconds = runner.decode(token, cache, decode_tokens)
             out["decode_tokens_per_s"] = decode_tokens / seconds
             out["dispatches_per_token"] = runner.dispatches(token, cache)
+            out["host_us_per_token"] = 1e6 * runner.host_seconds(token, cache, max(4, decode_tokens // 2))
             progress.step(f"{runner.name}: decode ({decode_tokens / seconds:.2f} tok/s)")
         del cache
         gc.collect()
@@ -405,7 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory_bandwidth_gbs": bandwidth,
         "weight_bytes_per_token": per_token,
     }
-    for key in ("dispatches_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_memory_gb"):
+    for key in ("dispatches_per_token", "host_us_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s",
+                "peak_memory_gb"):
         report[key] = {name: (results[name] or {}).get(key) if results[name] else None for name in (OURS, PEER)}
     report["load_average_after"] = {name: (results[name] or {}).get("load_average_after") for name in (OURS, PEER)}
     report["bandwidth_fraction"] = {
@@ -461,6 +475,7 @@ def markdown(report: dict) -> str:
         row(f"time to first token, {n}-token prompt (s)", "ttft_s", "{:.2f}", n, better_low=True)
     row("decode (tok/s)", "decode_tokens_per_s", "{:.3f}")
     row("dispatches per decoded token", "dispatches_per_token", "{:d}", better_low=True)
+    row("host time building one decode step (µs)", "host_us_per_token", "{:.0f}", better_low=True)
     row("peak memory (GB)", "peak_memory_gb", "{:.3g}", better_low=True)
     row("fraction of memory bandwidth while decoding", "bandwidth_fraction", "{:.1%}")
     lines.append(f"| weight bytes read per decoded token | {report['weight_bytes_per_token'] / 1e6:.1f} MB |"

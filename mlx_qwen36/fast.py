@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Cache, GDNCache
+from .cache import Cache
+from .positions import text_position_ids
 
-__all__ = ["CPULinear", "decode_step", "make_decode_step", "relayout_for_cpu", "split_rows", "stored_transpose",
-           "worker_stream"]
+__all__ = ["CPULinear", "cpu_gather_needs_fp32", "decode_step", "gather_matmul_fp32", "make_decode_step",
+           "relayout_for_cpu", "split_rows", "stored_transpose", "worker_stream"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,6 +58,29 @@ class CPULinear(nn.Linear):
             return nn.Linear.__call__(self, x)
         y = matmul(x, entry[1], entry[2])
         return y + self["bias"] if "bias" in self else y
+
+
+def cpu_gather_needs_fp32(dtype: mx.Dtype) -> bool:
+    """MLX's CPU `gather_mm` takes only float32: a bf16/fp16 expert stack is computed in fp32 there."""
+    return dtype != mx.float32 and mx.default_device() == mx.cpu
+
+
+def gather_matmul_fp32(x: mx.array, weight: mx.array, indices: mx.array, sorted_indices: bool = False,
+                       lhs_indices: mx.array | None = None) -> mx.array:
+    """`gather_mm(x, weight[E, out, in]ᵀ)` in fp32 for a bf16/fp16 stack on the CPU, in x's dtype.
+
+    When fewer (token, expert) pairs than experts are routed (decode, short prompts), the selected experts are
+    gathered first and only they are cast: casting the whole stack would convert every expert per call (256
+    experts of a layer: ~1 GB of fp32 per matmul). `lhs_indices` is always the identity here (`moe._lhs_indices`),
+    so a broadcasting matmul over the gathered experts is the same product.
+    """
+    if indices.size < weight.shape[0]:
+        w = weight[indices].astype(mx.float32).swapaxes(-1, -2)  # [*indices.shape, in, out]
+        return (x.astype(mx.float32) @ w).astype(x.dtype)
+    w = weight.astype(mx.float32).swapaxes(-1, -2)
+    y = mx.gather_mm(x.astype(mx.float32), w, lhs_indices=lhs_indices, rhs_indices=indices,
+                     sorted_indices=sorted_indices)
+    return y.astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,95 +171,116 @@ def relayout_for_cpu(model: nn.Module) -> int:
 # compiled decode step
 
 
-class _TracedKV:
-    """A KVCache inside the compiled step: fixed-size buffers written at a traced offset, and a mask for the rest."""
+@dataclass(frozen=True)
+class _Segment:
+    """The layers one compiled call covers: the end of attention layer `close` (its o_proj and FFN), the GDN
+    layers `linear`, then the projections of attention layer `open` (or, when None, the final norm and lm_head)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
-        self.keys, self.values, self.offset = keys, values, offset
+    close: int | None
+    linear: tuple[int, ...]
+    open: int | None
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        start = self.offset.reshape(1)
-        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
-        self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        return self.keys, self.values
 
-    def attention_mask(self, T: int) -> mx.array:
-        """Valid rows of the buffer after this step's write: [capacity] bool (T = 1)."""
-        return mx.arange(self.keys.shape[2]) <= self.offset
+def _segments(layers: list[nn.Module]) -> list[_Segment]:
+    attention = [i for i, layer in enumerate(layers) if not layer.is_linear]
+    bounds = [None, *attention, None]
+    segments = []
+    for close, open_ in zip(bounds[:-1], bounds[1:]):
+        start = 0 if close is None else close + 1
+        stop = len(layers) if open_ is None else open_
+        segments.append(_Segment(close, tuple(range(start, stop)), open_))
+    return segments
 
 
 class _TracedGDN:
+    """A GDNCache inside a compiled segment: the layer reads and replaces its states as on the real cache."""
+
     def __init__(self, conv_state: mx.array, recurrent_state: mx.array):
         self.conv_state, self.recurrent_state, self.offset = conv_state, recurrent_state, 0
 
 
-def _gdn_zeros(layer: nn.Module, B: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-    la = layer.linear_attn
-    conv = mx.zeros((B, la.conv_kernel - 1, la.conv_dim), dtype=dtype)
-    state = mx.zeros((B, la.num_v_heads, la.head_k_dim, la.head_v_dim), dtype=mx.float32)
-    return conv, state
+def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
+    """`step(tokens [B, 1], cache, rope_delta=0) -> logits [B, 1, vocab]`, equal to `model(tokens, cache)` and
+    updating `cache` the same way (lazily: evaluate the logits and `[c.state for c in cache]` as for the plain call).
 
+    The step is a chain of `mx.compile`d segments cut at the attention cores: each segment runs the end of one
+    attention layer, the GDN layers after it and the projections of the next attention layer, with elementwise
+    chains fused and host work paid once per trace. The attention cores (the KV write and SDPA over the cache)
+    run between them uncompiled, so a growing KV buffer never changes a traced shape and nothing is traced again.
+    Each segment's weights are inputs of its compiled function, not constants: weights replaced after the first
+    call (`load_weights`, an adapter) are used from the next call on. The caches' dtypes come from the
+    activations: a cache still empty takes the plain call, which creates its states from what the layers produce.
 
-def make_decode_step(model: nn.Module) -> Callable[[mx.array, list[Cache]], mx.array]:
-    """`step(tokens [B, 1], cache) -> logits [B, 1, vocab]`, equal to `model(tokens, cache)` and updating `cache`
-    the same way (lazily: evaluate the logits and `[c.state for c in cache]` as for the plain call)."""
+    `rope_delta` (an int or [B]) shifts the rotary position of every row: text decoded after an image sits at
+    `cache offset + rope_delta` on all three M-RoPE axes, which is 1-D rotary at that position.
+    """
     layers = model.layers
+    segments = _segments(layers)
+    head = [model.model.norm, model.lm_head if "lm_head" in model else model.model.embed_tokens]
 
-    def traced(tokens: mx.array, states: list[mx.array], offsets: list[mx.array]):
-        caches, it, ot = [], iter(states), iter(offsets)
-        for layer in layers:
-            if layer.is_linear:
-                caches.append(_TracedGDN(next(it), next(it)))
-            else:
-                caches.append(_TracedKV(next(it), next(it), next(ot)))
-        # The model's forward for one token per row, kept 2-D ([B, H]) from the embedding to the logits.
-        B = tokens.shape[0]
-        h = model.model.embed_tokens(tokens.reshape(B))
-        for layer, c in zip(layers, caches):
-            h = layer.decode(h, c)
-        h = model.model.norm(h)
-        logits = model.lm_head(h) if "lm_head" in model else model.model.embed_tokens.as_linear(h)
-        new = []
-        for c in caches:
-            new += [c.conv_state, c.recurrent_state] if isinstance(c, _TracedGDN) else [c.keys, c.values]
-        return logits.reshape(B, 1, -1), new
+    def traced(segment: _Segment) -> Callable[[dict], dict]:
+        def run(x: dict) -> dict:
+            h = model.model.embed_tokens(x["tokens"]) if segment.close is None else x["h"]
+            if segment.close is not None:
+                layer = layers[segment.close]
+                h = h + layer.self_attn.decode_out(x["o"], x["gate"])
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            states = iter(x["states"])
+            out: dict = {"states": []}
+            for i in segment.linear:
+                c = _TracedGDN(next(states), next(states))
+                h = layers[i].decode(h, c)
+                out["states"] += [c.conv_state, c.recurrent_state]
+            if segment.open is None:
+                out["logits"] = model.logits(model.model.norm(h))
+                return out
+            layer = layers[segment.open]
+            out["h"] = h
+            out["q"], out["k"], out["v"], out["gate"] = layer.self_attn.decode_qkv(layer.input_layernorm(h),
+                                                                                   x["position"])
+            return out
 
-    compiled = mx.compile(traced)  # weights are captured as constants: rebuild the step if they change
+        modules = [layers[i] for i in (segment.close, *segment.linear) if i is not None]
+        modules += [model.model.embed_tokens] if segment.close is None else []
+        modules += head if segment.open is None else []
+        return mx.compile(run, inputs=[m.state for m in modules])
 
-    def step(tokens: mx.array, cache: list[Cache]) -> mx.array:
+    compiled = [traced(s) for s in segments]
+
+    def step(tokens: mx.array, cache: list[Cache], rope_delta: int | mx.array = 0) -> mx.array:
         B, T = tokens.shape
         if T != 1:
             raise ValueError(f"the decode step takes one token per row, got {T}")
-        dtype = model.model.embed_tokens.weight.dtype
-        states, offsets = [], []
-        for layer, c in zip(layers, cache):
-            if isinstance(c, GDNCache):
-                if c.conv_state is None:
-                    c.conv_state, c.recurrent_state = _gdn_zeros(layer, B, dtype)
-                states += [c.conv_state, c.recurrent_state]
-            else:
-                attn = layer.self_attn
-                c.reserve(1, B, attn.num_kv_heads, attn.head_dim, attn.head_dim, dtype)
-                states += [c.keys, c.values]
-                offsets.append(mx.array(c.offset, dtype=mx.int32))
-        logits, new = compiled(tokens, states, offsets)
-        it = iter(new)
-        for c in cache:
-            if isinstance(c, GDNCache):
-                c.conv_state, c.recurrent_state = next(it), next(it)
-            else:
-                c.keys, c.values = next(it), next(it)
-            c.offset += 1
-        return logits
+        if any(c.offset == 0 for c in cache):  # an empty cache: the plain call creates its states
+            positions = None if _is_zero(rope_delta) else text_position_ids(cache[0].offset, 1, rope_delta, B)
+            return model(tokens, cache, position_ids=positions)
+        position = (mx.array(cache[0].offset, dtype=mx.int32) + mx.array(rope_delta, dtype=mx.int32)).reshape(-1)
+        x: dict = {"tokens": tokens.reshape(B), "position": mx.broadcast_to(position, (B,))}
+        for segment, fn in zip(segments, compiled):
+            x["states"] = [a for i in segment.linear for a in (cache[i].conv_state, cache[i].recurrent_state)]
+            out = fn(x)
+            states = iter(out["states"])
+            for i in segment.linear:
+                cache[i].conv_state, cache[i].recurrent_state = next(states), next(states)
+                cache[i].offset += 1
+            if segment.open is None:
+                return out["logits"].reshape(B, 1, -1)
+            attn = layers[segment.open].self_attn
+            o = attn.attend(out["q"], out["k"], out["v"], cache[segment.open])
+            x = {"h": out["h"], "o": o, "gate": out["gate"], "position": x["position"]}
+        raise AssertionError("the last segment returns the logits")
 
     return step
 
 
-def decode_step(model: nn.Module) -> Callable[[mx.array, list[Cache]], mx.array]:
-    """`make_decode_step(model)`, made once per model and kept on it (each new step traces and compiles again)."""
+def _is_zero(value: int | mx.array) -> bool:
+    return not bool(mx.any(mx.array(value) != 0).item())
+
+
+def decode_step(model: nn.Module) -> Callable[..., mx.array]:
+    """`make_decode_step(model)`, made once per model and kept on it (weights are inputs, so it stays valid)."""
     step = model.__dict__.get("_decode_step")
     if step is None:
         step = make_decode_step(model)
         object.__setattr__(model, "_decode_step", step)
     return step
-

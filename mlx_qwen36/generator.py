@@ -9,13 +9,17 @@ token it fully processed, so the conversation can go on.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
+from .cache import KVCache
 from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .detokenizer import StreamingDetokenizer
@@ -28,6 +32,8 @@ from .sampling import Sampler, SamplingParams, from_generation_config, preset
 from .tool_parser import CONTENT, REASONING, TOOL_CALL, Event, StreamParser, ToolCall, initial_phase
 
 DEFAULT_MAX_TOKENS = 4096
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,19 +113,15 @@ def build_prompt(processor: Any, prompt: str | Sequence[Any], tools: Sequence[di
 
 
 def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], logits: bool, keys: list[int] | None = None,
-                 embeddings: mx.array | None = None, position_ids: mx.array | None = None,
-                 step: Callable | None = None) -> mx.array:
-    """Push tokens through the cache; on any interruption roll the cache back to before them.
+                 embeddings: mx.array | None = None, position_ids: mx.array | None = None) -> mx.array:
+    """Push prompt tokens through the cache; on any interruption roll the cache back to before them.
 
-    `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys); `step` is the
-    compiled one-token decode step, used for plain text tokens.
+    `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys).
     """
     before = snapshot_cache(pc.cache)
     try:
         x = mx.array([tokens])
-        if logits and step is not None and len(tokens) == 1 and position_ids is None and embeddings is None:
-            out = step(x, pc.cache)[:, -1]
-        elif logits:
+        if logits:
             out = model(x, pc.cache, position_ids=position_ids, input_embeddings=embeddings)[:, -1]
         else:
             out = model.model(x, pc.cache, position_ids, embeddings)
@@ -192,11 +194,12 @@ def stream_generate(
             raise ValueError("images= and videos= go with a string prompt; in messages, use image_url/video_url parts")
         prompt_or_messages = with_media(prompt_or_messages, images, videos)
     ids, text = build_prompt(processor, prompt_or_messages, tools, enable_thinking, preserve_thinking)
+    pc = prompt_cache if prompt_cache is not None else PromptCache(model)
     media = None
     if not isinstance(prompt_or_messages, str) and not all(isinstance(t, int) for t in prompt_or_messages):
         found_images, found_videos = collect_media(prompt_or_messages)
         if found_images or found_videos:
-            media = media_prompt(model, processor, text, found_images, found_videos)
+            media = media_prompt(model, processor, text, found_images, found_videos, pc.media)
             ids = media.ids
     vocab = model.config.text.vocab_size
     if max(ids, default=0) >= vocab or min(ids, default=0) < 0:
@@ -205,10 +208,64 @@ def stream_generate(
     context = model.config.text.max_position_embeddings
     if len(ids) >= context:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
-    pc = prompt_cache if prompt_cache is not None else PromptCache(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     yield from _generate(model, processor, pc, ids, text, params, tools, max_tokens, stops, prefill_chunk_size,
                          media)
+
+
+@contextmanager
+def wired_limit(model: Any) -> Iterator[None]:
+    """While generating on a Metal GPU, let the model's weights stay wired (resident) up to the GPU's recommended
+    working set, as mlx-lm does, so that macOS does not page a 20 GB model out between tokens. Elsewhere a no-op."""
+    if not mx.metal.is_available():
+        yield
+        return
+    limit = mx.device_info()["max_recommended_working_set_size"]
+    weights = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    if weights > 0.9 * limit:
+        logger.warning("the model's weights take %.1f GB of the %.1f GB this GPU can keep resident; generation "
+                       "may be slow (close other programs, or use a smaller quantization)", weights / 1e9,
+                       limit / 1e9)
+    old = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize()  # the limit must not change under a running async_eval
+        mx.set_wired_limit(old)
+
+
+@dataclass
+class _InFlight:
+    """A decode step queued on the device: its logits, and the cache as it was before it (to drop it)."""
+
+    logits: mx.array
+    before: list[Any]
+
+
+def _cache_arrays(cache: list) -> list[mx.array]:
+    return [a for c in cache for a in ((c.keys, c.values) if isinstance(c, KVCache) else c.state) if a is not None]
+
+
+def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable | None,
+                 rope_delta: int) -> _InFlight:
+    """Queue the decode step that feeds `token` (lazy [1]) and return at once; the cache holds its lazy outputs.
+
+    Building the graph can be interrupted (Ctrl-C): the cache is then put back as it was, so every step stays
+    atomic for the prompt cache.
+    """
+    before = snapshot_cache(pc.cache)
+    try:
+        x = token.reshape(1, 1)
+        if step is not None:
+            logits = step(x, pc.cache, rope_delta)[:, -1]
+        else:
+            positions = text_position_ids(len(pc.tokens), 1, rope_delta) if rope_delta else None
+            logits = model(x, pc.cache, position_ids=positions)[:, -1]
+        mx.async_eval(logits, _cache_arrays(pc.cache))
+    except BaseException:
+        restore_cache(pc.cache, before)
+        raise
+    return _InFlight(logits, before)
 
 
 def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], text: str, params: SamplingParams,
@@ -230,10 +287,11 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
     parser = StreamParser(initial_phase(text), list(tools) if tools else None)
     stopper = StopStrings(stops)
     eos = set(processor.eos_token_ids)
-    room = model.config.text.max_position_embeddings - len(ids)
+    limit = min(max_tokens, model.config.text.max_position_embeddings - len(ids))
     generated: list[int] = []
     finish = "length"
     stopped_by_string = saw_tool_call = False
+    inflight: _InFlight | None = None
     gen_start = time.perf_counter()
 
     def live(**extra) -> dict:
@@ -250,35 +308,46 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
             saw_tool_call |= bool(calls)
             yield GenerationChunk(ev.text, token if i == len(events) - 1 else None, ev.phase, calls, **live())
 
-    try:
-        for _ in range(min(max_tokens, room)):
-            token = sampler(logits, generated)
-            generated.append(token)
-            if token in eos:
-                finish = "stop"
-                yield from chunks([], token)
-                break
-            delta, stopped_by_string = stopper.feed(detok.add_token(token))
-            yield from chunks(parser.feed(delta), token)
-            if stopped_by_string:
-                finish = "stop"
-                break
-            if len(generated) == min(max_tokens, room):
-                break
-            positions = text_position_ids(len(pc.tokens), 1, rope_delta) if rope_delta else None
-            logits = _atomic_step(model, pc, [token], logits=True, position_ids=positions, step=step)
-        events = []
-        if not stopped_by_string:
-            tail, stopped_by_string = stopper.feed(detok.finalize())
-            events = parser.feed(tail if stopped_by_string else tail + stopper.flush())
-        events += parser.finish()
-        if events:
-            yield from chunks(events, None)
-        if saw_tool_call and finish == "stop":
-            finish = "tool_calls"
-        yield GenerationChunk("", None, parser.phase, finish_reason=finish, **live())
-    finally:
-        pc.mark()
+    # The loop keeps one step in flight: the step that feeds token t is queued before t is read back, so the
+    # device computes it while the host detokenizes, parses and yields t (one host sync per token, `item()`).
+    # When the turn ends, the step still in flight is dropped: the cache then holds the prompt and every
+    # generated token but the last, as if each step had run only once its token was known to be needed.
+    with wired_limit(model):
+        try:
+            y = sampler.sample(logits, generated)
+            inflight = _launch_step(model, pc, y, step, rope_delta)
+            while True:
+                token = int(y.item())
+                generated.append(token)
+                if token in eos:
+                    finish = "stop"
+                    yield from chunks([], token)
+                    break
+                delta, stopped_by_string = stopper.feed(detok.add_token(token))
+                yield from chunks(parser.feed(delta), token)
+                if stopped_by_string:
+                    finish = "stop"
+                    break
+                if len(generated) == limit:
+                    break
+                pc.record([token])  # its step, in flight, is now part of the conversation
+                logits, inflight = inflight.logits, None
+                y = sampler.sample(logits, generated)
+                inflight = _launch_step(model, pc, y, step, rope_delta)
+            events = []
+            if not stopped_by_string:
+                tail, stopped_by_string = stopper.feed(detok.finalize())
+                events = parser.feed(tail if stopped_by_string else tail + stopper.flush())
+            events += parser.finish()
+            if events:
+                yield from chunks(events, None)
+            if saw_tool_call and finish == "stop":
+                finish = "tool_calls"
+            yield GenerationChunk("", None, parser.phase, finish_reason=finish, **live())
+        finally:
+            if inflight is not None:
+                restore_cache(pc.cache, inflight.before)
+            pc.mark()
 
 
 def generate(model: Model, processor: Any, prompt_or_messages: str | Sequence[Any], **kwargs: Any

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .fast import split_rows, stored_transpose
+from .fast import cpu_gather_needs_fp32, gather_matmul_fp32, split_rows, stored_transpose
 
 # Below this many (token, expert) pairs, sorting tokens by expert costs more than it saves.
 SORT_THRESHOLD = 64
@@ -39,16 +39,17 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 
 def router(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
-    """Top-k experts and their renormalised softmax weights, in fp32: (indices [..., k], weights [..., k] in logits'
-    dtype).
+    """Top-k experts and their renormalised softmax weights: (indices [..., k], weights [..., k] in logits' dtype).
 
     Renormalising the top-k of softmax(l) over all experts is exactly softmax over the top-k logits (the full
-    normaliser cancels), so only the k selected logits are exponentiated.
+    normaliser cancels), so only the k selected logits are exponentiated, in fp32. The weights are cast back to
+    the logits' (the hidden state's) dtype, as the reference does: fp32 weights would promote the expert sum, and
+    from there the residual stream, every activation and every cache of a bf16 model, to fp32.
     """
-    logits = logits.astype(mx.float32)
     E = logits.shape[-1]
     inds = mx.argpartition(logits, kth=E - top_k, axis=-1)[..., E - top_k :]
-    weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
+    top = mx.take_along_axis(logits, inds, axis=-1).astype(mx.float32)
+    weights = mx.softmax(top, axis=-1, precise=True)
     return inds, weights.astype(logits.dtype)
 
 
@@ -64,11 +65,6 @@ def _lhs_indices(*shape: int) -> mx.array:
     return idx
 
 
-def _gather_matmul_dtype(dtype: mx.Dtype) -> mx.Dtype:
-    # MLX's CPU gather_mm accepts only float32; compute a bf16/fp16 model's expert matmuls in fp32 there.
-    return mx.float32 if mx.default_device() == mx.cpu else dtype
-
-
 class SwitchLinear(nn.Module):
     """A stack of expert linears, weight [E, out, in], applied to the experts each token was routed to."""
 
@@ -80,8 +76,10 @@ class SwitchLinear(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False,
                  lhs_indices: mx.array | None = None) -> mx.array:
         w = stored_transpose(self)  # [E, in, out] after `fast.relayout_for_cpu`
+        if w is None and cpu_gather_needs_fp32(self.weight.dtype):
+            return gather_matmul_fp32(x, self.weight, indices, sorted_indices, lhs_indices)
         if w is None:
-            w = self.weight.astype(_gather_matmul_dtype(self.weight.dtype)).swapaxes(-1, -2)
+            w = self.weight.swapaxes(-1, -2)
         y = mx.gather_mm(x.astype(w.dtype), w, lhs_indices=lhs_indices, rhs_indices=indices,
                          sorted_indices=sorted_indices)
         return y.astype(x.dtype)

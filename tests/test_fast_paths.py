@@ -5,14 +5,17 @@ the compiled decode step against the plain call (logits and every cache array, o
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 import mlx_qwen36.gated_delta as gd
 from mlx_qwen36 import load_model
-from mlx_qwen36.cache import restore, snapshot
+from mlx_qwen36.cache import GDNCache, KVCache, restore, snapshot
 from mlx_qwen36.fast import CPULinear, make_decode_step, relayout_for_cpu, stored_transpose
+from mlx_qwen36.gated_delta import GatedDeltaNet
 from mlx_qwen36.moe import router
+from mlx_qwen36.positions import text_position_ids
 
 TOL = 1e-4
 
@@ -117,6 +120,33 @@ def test_router_equals_softmax_topk_renormalise():
     assert (np.sort(np.array(inds), -1) == np.sort(ref_inds, -1)).all()
     picked = np.take_along_axis(probs, np.array(inds), -1)
     assert np.abs(np.array(weights) - picked / picked.sum(-1, keepdims=True)).max() <= 1e-6
+
+
+def test_bf16_experts_on_the_cpu_cast_only_the_selected_ones():
+    """A bf16 expert stack on the CPU (whose gather_mm is fp32 only): decode gathers its 2 x 8 experts, then casts
+    them, instead of casting all 128 experts per call; the product is the same."""
+    from mlx_qwen36.moe import SwitchGLU, _lhs_indices
+
+    E, H, inter = 128, 512, 256
+    experts = SwitchGLU(H, inter, E)
+    experts.set_dtype(mx.bfloat16)
+    mx.eval(experts.parameters())
+    x = mx.random.normal((2, H)).astype(mx.bfloat16)
+    inds = mx.array(np.random.default_rng(0).choice(E, (2, 8)).astype(np.uint32))
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    y = experts(x, inds)
+    mx.eval(y)
+    stack_fp32 = E * 2 * inter * H * 4
+    assert mx.get_peak_memory() - base < stack_fp32 / 2  # casting the stack alone would take stack_fp32
+    w = experts.gate_up_proj.weight.astype(mx.float32).swapaxes(-1, -2)
+    h = mx.gather_mm(x.astype(mx.float32).reshape(2, 1, 1, H), w, lhs_indices=_lhs_indices(2, 1), rhs_indices=inds)
+    assert y.dtype == mx.bfloat16 and y.shape == (2, 8, H)
+    gate, up = mx.split(h, 2, axis=-1)
+    mid = (gate * mx.sigmoid(gate) * up).astype(mx.bfloat16)
+    wd = experts.down_proj.weight.astype(mx.float32).swapaxes(-1, -2)
+    want = mx.gather_mm(mid.astype(mx.float32), wd, lhs_indices=_lhs_indices(2, 8), rhs_indices=inds)
+    assert max_diff(y.astype(mx.float32), want.reshape(2, 8, H)) <= 0.02 * float(mx.abs(want).max())
 
 
 # --- the model's fast paths against the golden logits ---------------------------------------------------------------
@@ -229,12 +259,107 @@ def test_decode_step_after_restore(tiny):
     assert all(c.offset == 13 for c in cache)
 
 
-def test_decode_step_from_an_empty_cache(tiny):
+def variant(tiny, kind: str, dtype: str):
+    """The tiny model in a dtype users run: fp32 (the hf checkpoint), bf16 (the release checkpoint), or the bf16
+    model quantized to 4 or 8 bits (embedding and lm_head included, so the embedding weight is uint32)."""
+    if dtype == "fp32":
+        return load_model(tiny[kind]["hf"])
+    model = load_model(tiny[kind]["release"])
+    if dtype in ("q4", "q8"):
+        nn.quantize(model, group_size=32, bits=int(dtype[1]))
+        assert model.model.embed_tokens.weight.dtype == mx.uint32
+    return model
+
+
+DTYPE_TOL = {"fp32": 1e-5, "bf16": 0.1, "q4": 0.1, "q8": 0.1}  # bf16 logits of order 5: a few bf16 ulps
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "q4", "q8"])
+@pytest.mark.parametrize("start", ["empty", "filled"])
+def test_decode_step_in_every_dtype(tiny, dtype, start):
+    """From an empty cache (the first token) and a filled one, the compiled step gives the plain call's logits and
+    leaves caches of the activations' dtype (bf16 for bf16 and quantized models; only the GDN state is fp32)."""
+    model = variant(tiny, "moe", dtype)
+    step = make_decode_step(model)
+    ids = mx.array(tiny["moe"]["golden"]["input_ids"][:1])
+    plain, fast = model.make_cache(), model.make_cache()
+    if start == "filled":
+        model.prefill(ids, plain)
+        model.prefill(ids, fast)
+    token = ids[:, -1:]
+    for i in range(3):
+        want, got = model(token, plain), step(token, fast)
+        mx.eval(want, got, [c.state for c in plain], [c.state for c in fast])
+        assert max_diff(got, want) <= DTYPE_TOL[dtype], f"step {i}"
+        token = mx.argmax(want[:, -1], axis=-1)[:, None]
+    activation = mx.float32 if dtype == "fp32" else mx.bfloat16
+    for c in fast:
+        kinds = [activation, mx.float32] if isinstance(c, GDNCache) else [activation, activation]
+        assert [a.dtype for a in c.state] == kinds
+
+
+def test_decode_step_uses_weights_replaced_after_it_was_traced(tiny):
     model = load_model(tiny["dense"]["hf"])
     step = make_decode_step(model)
+    ids = mx.array(tiny["dense"]["golden"]["input_ids"][:1])
+
+    def both() -> tuple[mx.array, mx.array]:
+        plain, fast = model.make_cache(), model.make_cache()
+        model.prefill(ids, plain)
+        model.prefill(ids, fast)
+        return model(ids[:, -1:], plain), step(ids[:, -1:], fast)
+
+    want, got = both()  # traces the step with the loaded weights
+    assert max_diff(got, want) <= 1e-5
+    mx.random.seed(3)
+    new = [(k, v + 0.05 * mx.random.normal(v.shape)) for k, v in _flat(model) if "layers.1." in k or "lm_head" in k]
+    model.load_weights(new, strict=False)
+    changed, got = both()
+    assert max_diff(changed, want) > 0.1  # the new weights matter
+    assert max_diff(got, changed) <= 1e-5
+
+
+def test_decode_step_is_not_traced_again_when_the_kv_buffer_grows(tiny, monkeypatch):
+    model = load_model(tiny["moe"]["hf"])
+    step = make_decode_step(model)
+    traces = []
+    original = GatedDeltaNet.decode
+
+    def counting(self, x, cache):
+        traces.append(1)  # Python runs a layer only while a segment is traced
+        return original(self, x, cache)
+
+    monkeypatch.setattr(GatedDeltaNet, "decode", counting)
+    cache = model.make_cache()
+    model.prefill(mx.array(tiny["moe"]["golden"]["input_ids"][:1]), cache)
+    mx.eval(step(mx.array([[5]]), cache))
+    traced = len(traces)
+    assert traced > 0
+    for _ in range(KVCache.step + 4):  # past a KV growth
+        mx.eval(step(mx.array([[5]]), cache), [c.state for c in cache])
+    assert len(traces) == traced
+    assert cache[3].keys.shape[2] == 2 * KVCache.step
+
+
+def test_decode_step_after_an_image_takes_the_rope_delta(tiny):
+    """Text after an image sits at cache offset + rope_delta: the step equals the plain call with explicit
+    3-D positions there, per row (two rows with different deltas)."""
+    model = load_model(tiny["moe"]["hf"])
+    step = make_decode_step(model)
+    ids = mx.array(tiny["moe"]["golden"]["input_ids"])
     plain, fast = model.make_cache(), model.make_cache()
-    token = mx.array([[3]])
-    assert max_diff(step(token, fast), model(token, plain)) <= 1e-5
+    model.prefill(ids, plain)
+    model.prefill(ids, fast)
+    delta = mx.array([-5, 3], dtype=mx.int32)
+    token = ids[:, -1:]
+    for _ in range(3):
+        want = model(token, plain, position_ids=text_position_ids(plain[0].offset, 1, delta))
+        got = step(token, fast, rope_delta=delta)
+        mx.eval(want, got, [c.state for c in plain], [c.state for c in fast])
+        assert max_diff(got, want) <= 1e-5
+        token = mx.argmax(want[:, -1], axis=-1)[:, None]
+    no_delta = step(token, model.make_cache())
+    assert max_diff(no_delta, model(token, model.make_cache())) <= 1e-5
 
 
 def _flat(model):
