@@ -26,8 +26,8 @@ HELP = """commands:
   /reasoning show|hide show the model's reasoning, dimmed (now: {show})
   /system [TEXT]       set the system prompt (empty clears it) and start over
   /reset               start a new conversation
-  /save PATH           save the conversation's prompt cache
-  /load PATH           load a saved prompt cache
+  /save PATH           save the conversation and its prompt cache
+  /load PATH           go on with a saved conversation (its prompt cache spares the prefill)
   /stats               statistics of the last answer
   /image PATH, /video PATH   attach an image or a video to the next message
   /help                this list
@@ -122,6 +122,29 @@ class Session:
             self.attachments.append({"type": f"{kind}_url", f"{kind}_url": {"url": str(path)}})
             self.write(f"attached {kind} {path.name}; it goes with your next message\n")
 
+    def save(self, path: Path) -> None:
+        """Save the conversation with its prompt cache, so `load` goes on where it stopped."""
+        conversation = {"messages": self.messages, "system": self.system, "think": self.think}
+        self.cache.save(path, conversation=conversation)
+        self.write(f"saved the conversation ({len(self.messages)} messages, {len(self.cache.tokens)} cached tokens) "
+                   f"to {path}\n")
+
+    def load(self, path: Path) -> None:
+        """Go on with a saved conversation; if the file cannot be used, the current one stays as it is."""
+        try:
+            cache = PromptCache.load(self.model, path)
+            saved = saved_conversation(cache.conversation, path)
+        except PromptCacheError as e:
+            self.write(f"error: {e}\n")
+            return
+        self.cache = cache
+        if saved is None:
+            self.write(f"loaded a prompt cache of {len(cache.tokens)} tokens (it holds no conversation; the current "
+                       "one goes on)\n")
+            return
+        self.messages, self.system, self.think = saved
+        self.write(f"loaded the conversation ({len(self.messages)} messages, {len(cache.tokens)} cached tokens)\n")
+
     def command(self, line: str) -> bool:
         """Run a /command; returns False when the session should end."""
         name, _, arg = line.partition(" ")
@@ -147,19 +170,28 @@ class Session:
         elif name == "/stats":
             self.write(self.stats() + "\n")
         elif name == "/save" and arg:
-            self.cache.save(Path(arg).expanduser())
-            self.write(f"saved the prompt cache ({len(self.cache.tokens)} tokens) to {arg}\n")
+            self.save(Path(arg).expanduser())
         elif name == "/load" and arg:
-            try:
-                self.cache = PromptCache.load(self.model, Path(arg).expanduser())
-                self.write(f"loaded a prompt cache of {len(self.cache.tokens)} tokens\n")
-            except (PromptCacheError, FileNotFoundError) as e:
-                self.write(f"error: {e}\n")
+            self.load(Path(arg).expanduser())
         elif name in ("/image", "/video") and arg:
             self.attach(name[1:], Path(arg).expanduser())
         else:
             self.write(f"unknown command or missing argument: {line} (try /help)\n")
         return True
+
+
+def saved_conversation(saved: Any, path: Path) -> tuple[list[dict], str | None, bool] | None:
+    """(messages, system prompt, think) from what `Session.save` stored; None when the cache holds none."""
+    if saved is None:
+        return None
+    try:
+        messages, system, think = saved["messages"], saved["system"], saved["think"]
+    except (KeyError, TypeError):
+        raise PromptCacheError(f"{path}: the saved conversation is damaged") from None
+    if (not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)
+            or not isinstance(system, (str, type(None))) or not isinstance(think, bool)):
+        raise PromptCacheError(f"{path}: the saved conversation is damaged")
+    return messages, system, think
 
 
 def read_message(prompt: str = ">>> ") -> str:

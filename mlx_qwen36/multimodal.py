@@ -5,23 +5,36 @@ needs (computed once per conversation: a feature cache keyed by the content hash
 position ids and `rope_delta`, and the cache keys of the prompt: token ids in which every pad token of an item is
 replaced by a negative id derived from the item's hash, so a prompt cache never reuses one image's state for
 another image.
+
+Every turn renders the whole history, so its media would be decoded and resized again each turn (~100 ms a video
+frame). A `MediaCache` keeps each item's preprocessing by the identity of its source and the processor's settings:
+a file by its resolved path, size and mtime (an edited file is processed again), a `data:` URL or bytes by their
+hash, a PIL image or array by a hash of its pixels, frames by those of each frame and their fps. Only the items it
+misses are processed, one at a time: each item's pixels depend on that item alone, so this gives the batch's arrays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
 from .positions import get_rope_index
 from .processor import normalize_messages
+from .video import Video
 
 FEATURE_CACHE_ITEMS = 32
+MEDIA_CACHE_ITEMS = 64
+MEDIA_CACHE_BYTES = 1 << 30  # one long clip at the release's pixel budget is ~300 MB of float32 patches
 
 
 @dataclass
@@ -30,6 +43,7 @@ class MediaItem:
     pixels: np.ndarray  # [N, C·T·p·p]
     grid: np.ndarray  # [t, h, w]
     digest: str
+    timestamps: list[float] | None = None  # videos: seconds of each temporal pair
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +79,108 @@ class FeatureCache:
         return features
 
 
+class MediaCache:
+    """Preprocessed media items by source identity and processor settings (see the module docstring), least
+    recently used first out, bounded in items and in bytes of pixels."""
+
+    def __init__(self, capacity: int = MEDIA_CACHE_ITEMS, max_bytes: int = MEDIA_CACHE_BYTES):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self.items: OrderedDict[str, MediaItem] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.pixels.nbytes for item in self.items.values())
+
+    def get(self, key: str) -> MediaItem | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+        return self.items.get(key)
+
+    def put(self, key: str, item: MediaItem) -> None:
+        if item.pixels.nbytes > self.max_bytes:
+            return  # it would evict everything else and still not fit
+        self.items[key] = item
+        while len(self.items) > self.capacity or self.nbytes > self.max_bytes:
+            self.items.popitem(last=False)
+
+
+def _local_path(source: str | Path) -> Path | None:
+    """The file a path-like source names, as the processors read it; None for remote URLs."""
+    text = str(source)
+    if isinstance(source, str) and text.startswith(("http://", "https://")):
+        return None
+    if isinstance(source, str) and text.startswith("file://"):
+        text = unquote(urlparse(text).path)
+    return Path(text).expanduser().resolve()
+
+
+def _identify(source: Any, h: Any) -> bool:
+    """Feed what identifies `source` to the hash `h`; False when that cannot be told without processing it."""
+    if isinstance(source, str) and source.startswith("data:"):
+        h.update(b"data-url\0" + source.encode())
+    elif isinstance(source, (str, Path)):
+        path = _local_path(source)
+        if path is None or not path.is_file():
+            return False  # the processor names the problem
+        stat = path.stat()
+        h.update(f"file\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        h.update(b"bytes\0" + bytes(source))
+    elif isinstance(source, Image.Image):
+        try:
+            pixels = source.tobytes()  # the palette and transparency entry change the RGB conversion too
+        except (OSError, ValueError):
+            return False
+        h.update(f"pil\0{source.mode}\0{source.size}\0{source.info.get('transparency')!r}\0".encode())
+        h.update(bytes(source.getpalette() or []) + pixels)
+    elif isinstance(source, np.ndarray):
+        h.update(f"array\0{source.dtype}\0{source.shape}\0".encode())
+        h.update(np.ascontiguousarray(source))
+    elif isinstance(source, (Video, Mapping)):
+        frames = source.frames if isinstance(source, Video) else source.get("frames")
+        fps = source.fps if isinstance(source, Video) else source.get("fps")
+        h.update(f"frames\0{fps!r}\0".encode())
+        return _identify(frames, h)
+    elif isinstance(source, (list, tuple)):
+        h.update(f"list\0{len(source)}\0".encode())
+        return all(_identify(item, h) for item in source)
+    else:
+        return False
+    return True
+
+
+def media_key(kind: str, source: Any, processor: Any) -> str | None:
+    """The cache key of one image or video source under `processor`'s settings; None when it is not cacheable
+    (an unknown input type, a missing file, or a processor whose settings are not a dataclass's fields)."""
+    if not dataclasses.is_dataclass(processor):
+        return None
+    h = hashlib.sha256(f"{kind}\0{processor!r}\0".encode())  # the dataclass repr lists every setting
+    return h.hexdigest() if _identify(source, h) else None
+
+
+def _process(kind: str, processor: Any, source: Any) -> MediaItem:
+    out = processor([source])
+    if kind == "image":
+        pixels, grid, timestamps = out["pixel_values"], out["image_grid_thw"][0], None
+    else:
+        pixels, grid, timestamps = out["pixel_values_videos"], out["video_grid_thw"][0], out["video_timestamps"][0]
+    return MediaItem(kind, pixels, np.asarray(grid), _digest(kind, pixels, grid), timestamps)
+
+
+def preprocess(kind: str, processor: Any, sources: Sequence[Any], cache: MediaCache | None = None) -> list[MediaItem]:
+    """Each source's `MediaItem`, in order: from `cache` when it holds the source, else processed (and kept)."""
+    items = []
+    for source in sources:
+        key = media_key(kind, source, processor) if cache is not None else None
+        item = cache.get(key) if key is not None else None
+        if item is None:
+            item = _process(kind, processor, source)
+            if key is not None:
+                cache.put(key, item)
+        items.append(item)
+    return items
+
+
 def collect_media(messages: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """The images and videos of OpenAI-style messages, in prompt order."""
     images, videos = [], []
@@ -94,35 +210,23 @@ def _digest(kind: str, pixels: np.ndarray, grid: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _split(kind: str, pixels: np.ndarray, grids: np.ndarray) -> list[MediaItem]:
-    items, row = [], 0
-    for grid in np.asarray(grids).reshape(-1, 3):
-        n = int(np.prod(grid))
-        chunk = pixels[row: row + n]
-        items.append(MediaItem(kind, chunk, np.asarray(grid), _digest(kind, chunk, grid)))
-        row += n
-    return items
-
-
 def _key(digest: str) -> int:
     return -1 - int(digest[:12], 16)
 
 
-def media_prompt(model: Any, processor: Any, text: str, images: Sequence[Any], videos: Sequence[Any]) -> MediaPrompt:
-    """Preprocess the media of a rendered prompt, expand its placeholders and compute its 3-D positions."""
+def media_prompt(model: Any, processor: Any, text: str, images: Sequence[Any], videos: Sequence[Any],
+                 cache: MediaCache | None = None) -> MediaPrompt:
+    """Preprocess the media of a rendered prompt (through `cache`, when given), expand its placeholders and compute
+    its 3-D positions."""
     if not getattr(model, "has_vision", False):
         raise ValueError("this model was loaded without its vision tower (text_only=True, or a text-only "
                          "checkpoint); images and videos cannot be used")
-    image_grid = video_grid = timestamps = None
-    items: list[MediaItem] = []
-    if images:
-        out = processor.image_processor(list(images))
-        image_grid = out["image_grid_thw"]
-        items += _split("image", out["pixel_values"], image_grid)
-    if videos:
-        out = processor.video_processor(list(videos))
-        video_grid, timestamps = out["video_grid_thw"], out["video_timestamps"]
-        items += _split("video", out["pixel_values_videos"], video_grid)
+    image_items = preprocess("image", processor.image_processor, images, cache) if images else []
+    video_items = preprocess("video", processor.video_processor, videos, cache) if videos else []
+    items = image_items + video_items
+    image_grid = np.stack([i.grid for i in image_items]) if image_items else None
+    video_grid = np.stack([i.grid for i in video_items]) if video_items else None
+    timestamps = [i.timestamps for i in video_items] if video_items else None
     ids = processor.encode(processor.expand_vision_tokens(text, image_grid, video_grid, timestamps))
     cfg = model.config
     arr = np.asarray(ids)

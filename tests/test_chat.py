@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import pytest
 
-from mlx_qwen36 import load
+from mlx_qwen36 import load, load_model, make_prompt_cache, synthetic
 from mlx_qwen36.chat import Session
 
 
@@ -46,6 +47,45 @@ def test_commands(session, tmp_path):
     out = session.out.getvalue()
     assert "error:" in out and "without its vision tower" in out and "unknown command" in out
     assert session.command("/quit") is False
+
+
+def test_load_goes_on_with_the_saved_conversation(session, tmp_path):
+    session.preserve_thinking = True  # past answers render as they were generated: all of the history is reusable
+    session.command("/think off")
+    session.ask("Hello")
+    session.ask("And again")
+    history = [dict(m) for m in session.messages]
+    session.command(f"/save {tmp_path / 'chat.cache'}")
+    session.ask("One more")
+    continued = session.last.cached_tokens
+    session.command("/reset")
+    session.command("/think on")
+    session.command(f"/load {tmp_path / 'chat.cache'}")
+    assert session.messages == history and session.think is False
+    session.ask("One more")
+    history_ids = session.processor.apply_chat_template(history, enable_thinking=False, preserve_thinking=True,
+                                                        add_generation_prompt=False)
+    last_answer = max(i for i, t in enumerate(history_ids) if t == session.processor.token_id("<|im_start|>"))
+    assert session.last.cached_tokens == continued > last_answer  # as if never left: into the last answer
+
+
+def test_a_failed_load_keeps_the_conversation(session, tmp_path):
+    session.ask("Hello")
+    messages, cache = [dict(m) for m in session.messages], session.cache
+    (tmp_path / "junk.cache").write_bytes(b"junk")
+    session.command(f"/load {tmp_path / 'junk.cache'}")
+    other = load_model(synthetic.write_checkpoint(tmp_path / "other", synthetic.text_config("tiny"), mx.float32))
+    make_prompt_cache(other).save(tmp_path / "other.cache", conversation={"messages": [], "system": None,
+                                                                          "think": True})
+    session.command(f"/load {tmp_path / 'other.cache'}")
+    session.cache.save(tmp_path / "damaged.cache", conversation={"messages": "not a list"})
+    session.command(f"/load {tmp_path / 'damaged.cache'}")
+    assert session.messages == messages and session.cache is cache
+    out = session.out.getvalue()
+    assert "junk.cache: not a readable prompt cache" in out and "other.cache: saved by another model" in out
+    assert "damaged.cache: the saved conversation is damaged" in out
+    session.ask("And again")
+    assert session.last.cached_tokens > 0
 
 
 def test_refused_message_is_not_kept(session):

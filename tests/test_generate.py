@@ -172,44 +172,67 @@ def test_save_and_load_prompt_cache(chat, tiny, tmp_path):
     b, cb = last_logits(model, processor, messages, loaded)
     assert ca == cb and np.abs(a - b).max() <= 1e-6
     other = load_model(tiny["dense"]["hf"])
-    with pytest.raises(PromptCacheError, match="another config"):
+    with pytest.raises(PromptCacheError, match="another model"):
         PromptCache.load(other, tmp_path / "cache.safetensors")
-    with pytest.raises(PromptCacheError, match="another config"):
+    with pytest.raises(PromptCacheError, match="another model"):
         loaded.reuse(other, [1, 2, 3])
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(PromptCacheError, match="not a readable prompt cache"):
         PromptCache.load(model, tmp_path / "junk.safetensors")
 
 
-def test_interrupted_generation_leaves_a_consistent_cache(chat, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_interrupted_generation_leaves_a_consistent_cache(chat, monkeypatch, compiled):
+    """Ctrl-C while the third decode step is being built (midway through its layers: GDN layers 0-2 updated,
+    attention layer 3 not), with the step before it still in flight."""
     model, processor = chat
     pc = make_prompt_cache(model)
-    real_step = gen._atomic_step
-    steps = []
+    real_launch = gen._launch_step
+    launches = []
 
-    def interrupting(model_, pc_, tokens, logits, *args, **kwargs):
-        steps.append(tokens)
-        if len(steps) == 4:  # Ctrl-C midway through a forward pass: GDN layers 0-2 updated, attention layer 3 not
+    def interrupting(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 3:
             def boom(*a, **k):
                 raise KeyboardInterrupt
 
             monkeypatch.setattr(KVCache, "update", boom)
             try:
-                return real_step(model_, pc_, tokens, logits, *args, **kwargs)
+                return real_launch(*args, **kwargs)
             finally:
                 monkeypatch.undo()
-        return real_step(model_, pc_, tokens, logits, *args, **kwargs)
+        return real_launch(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "_atomic_step", interrupting)
-    monkeypatch.setattr(gen, "decode_step", lambda model: None)  # the uncompiled pass, to interrupt it midway
+    monkeypatch.setattr(gen, "_launch_step", interrupting)
+    if not compiled:
+        monkeypatch.setattr(gen, "decode_step", lambda model: None)
     with pytest.raises(KeyboardInterrupt):
         for _ in stream_generate(model, processor, "Hi", max_tokens=10, temperature=0, prompt_cache=pc):
             pass
     monkeypatch.undo()
+    assert len(launches) == 3
     assert all(c.offset == len(pc.tokens) for c in pc.cache)
     reused, _ = last_logits(model, processor, "Hi again", pc)
     fresh, _ = last_logits(model, processor, "Hi again", make_prompt_cache(model))
     assert np.abs(reused - fresh).max() <= 1e-5
+
+
+def test_decode_overlaps_the_next_step_with_one_sync_per_token(chat, monkeypatch):
+    """Each token's step is queued (async_eval) before the token is read back; the only host syncs of the decode
+    loop are the token reads, one per token; the stream equals the plain, synchronous decode."""
+    model, processor = chat
+    want = generate(model, processor, "Hi", max_tokens=8, temperature=0).tokens
+    events = []
+    real_async, real_eval, real_item = mx.async_eval, mx.eval, mx.array.item
+    monkeypatch.setattr(gen.mx, "async_eval", lambda *a: events.append("launch") or real_async(*a))
+    monkeypatch.setattr(gen.mx, "eval", lambda *a: events.append("eval") or real_eval(*a))
+    monkeypatch.setattr(mx.array, "item", lambda self: events.append("item") or real_item(self))
+    got = generate(model, processor, "Hi", max_tokens=8, temperature=0).tokens
+    monkeypatch.undo()
+    assert got == want
+    decode = events[events.index("launch"):]
+    assert decode.count("item") == len(got) and "eval" not in decode
+    assert decode[:2] == ["launch", "item"]  # the step feeding a token is queued before it is read
 
 
 def test_prefill_chunks_end_on_message_boundaries(chat, monkeypatch):
@@ -228,3 +251,19 @@ def test_prefill_chunks_end_on_message_boundaries(chat, monkeypatch):
     im_start = [i for i, t in enumerate(ids) if t == processor.token_id("<|im_start|>")]
     assert set(im_start) <= set(starts.tolist())
     assert set(im_start[1:]) <= set(pc.snapshots)
+
+
+def test_generation_wires_the_weights_on_a_metal_gpu(chat, monkeypatch, caplog):
+    """As mlx-lm: the wired limit is raised to the GPU's recommended working set while generating, and put back."""
+    model, processor = chat
+    limits = []
+    monkeypatch.setattr(gen.mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(gen.mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 20})
+    monkeypatch.setattr(gen.mx, "set_wired_limit", lambda n: limits.append(n) or 7)
+    stream = stream_generate(model, processor, "Hi", max_tokens=3, temperature=0)
+    next(stream)
+    assert limits == [1 << 20]  # wired while tokens are being generated
+    for _ in stream:
+        pass
+    assert limits == [1 << 20, 7]
+    assert "can keep resident" in caplog.text  # the tiny model's 0.5 GB of weights exceed a 1 MiB working set

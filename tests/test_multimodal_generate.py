@@ -1,9 +1,13 @@
-"""Images and videos through the generator and the chat: prompts, cached features, prompt-cache reuse, errors."""
+"""Images and videos through the generator and the chat: prompts, cached preprocessing and features, prompt-cache
+reuse, errors."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +21,8 @@ import mlx_qwen36.generator as gen
 import mlx_qwen36.multimodal as mm
 from mlx_qwen36 import generate, load, make_prompt_cache, synthetic
 from mlx_qwen36.chat import Session
+from mlx_qwen36.image_processor import ImageProcessor
+from mlx_qwen36.video import VideoProcessor
 
 SMALL = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
          "image_std": [0.5] * 3}
@@ -163,3 +169,106 @@ def test_chat_with_an_image_and_a_video(vl, tmp_path):
     session.ask("And this clip?")
     assert session.messages[2]["content"][0] == {"type": "video_url", "video_url": {"url": str(clip)}}
     assert session.last.finish_reason == "length" and session.last.cached_tokens > 0
+
+
+def data_url(im: Image.Image) -> str:
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture
+def processed(monkeypatch) -> dict[str, list]:
+    """The sources each processor is called on, call by call."""
+    seen: dict[str, list] = {"image": [], "video": []}
+    for kind, cls in (("image", ImageProcessor), ("video", VideoProcessor)):
+        def spy(self, sources, *args, _kind=kind, _real=cls.__call__, **kwargs):
+            seen[_kind].append(list(sources))
+            return _real(self, sources, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", spy)
+    return seen
+
+
+def test_later_turns_do_not_preprocess_their_media_again(vl, tmp_path, processed):
+    model, processor = vl
+    photo, clip = tmp_path / "photo.png", write_video(tmp_path / "clip.mp4")
+    image(30).save(photo)
+    media = [image_part(str(photo)), image_part(data_url(image(31))), image_part(image(32)),
+             {"type": "video_url", "video_url": {"url": str(clip)}}, {"type": "video", "video": frames(40, 4)}]
+    pc = make_prompt_cache(model)
+    messages = [user("Compare", *media)]
+    first = generate(model, processor, messages, max_tokens=2, temperature=0, prompt_cache=pc)
+    assert [len(c) for c in processed["image"]] == [1, 1, 1] and [len(c) for c in processed["video"]] == [1, 1]
+    messages += [{"role": "assistant", "content": first.content}, user("And the clip?")]
+    second = generate(model, processor, messages, max_tokens=2, temperature=0, prompt_cache=pc)
+    assert len(processed["image"]) == 3 and len(processed["video"]) == 2  # nothing processed again
+    assert second.cached_tokens > 0
+
+    _, text = gen.build_prompt(processor, messages, None, True, False)
+    found = mm.collect_media(messages)
+    cached, fresh = mm.media_prompt(model, processor, text, *found, pc.media), mm.media_prompt(
+        model, processor, text, *found)
+    assert cached.ids == fresh.ids and cached.keys == fresh.keys
+    assert all(np.array_equal(a.pixels, b.pixels) and np.array_equal(a.grid, b.grid)
+               for a, b in zip(cached.items, fresh.items, strict=True))
+
+    calls, video_calls = len(processed["image"]), len(processed["video"])
+    stat = photo.stat()
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: it may have changed
+    mm.media_prompt(model, processor, text, *found, pc.media)
+    assert processed["image"][calls:] == [[str(photo)]] and len(processed["video"]) == video_calls
+    image(33).save(photo)  # changed: processed again, with the new pixels
+    changed = mm.media_prompt(model, processor, text, *found, pc.media)
+    assert processed["image"][calls + 1:] == [[str(photo)]]
+    assert not np.array_equal(changed.items[0].pixels, cached.items[0].pixels)
+
+
+def test_media_processed_one_at_a_time_equals_the_batch(vl):
+    _, processor = vl
+    images = [image(50), image(51, (64, 200)), image(52, (300, 90))]
+    batch = processor.image_processor(images)
+    singles = [processor.image_processor([im]) for im in images]
+    assert np.array_equal(batch["pixel_values"], np.concatenate([s["pixel_values"] for s in singles]))
+    assert np.array_equal(batch["image_grid_thw"], np.concatenate([s["image_grid_thw"] for s in singles]))
+    videos = [frames(60, 6), frames(70, 3)]
+    batch = processor.video_processor(videos)
+    singles = [processor.video_processor([v]) for v in videos]
+    assert np.array_equal(batch["pixel_values_videos"], np.concatenate([s["pixel_values_videos"] for s in singles]))
+    assert np.array_equal(batch["video_grid_thw"], np.concatenate([s["video_grid_thw"] for s in singles]))
+    assert batch["video_timestamps"] == [s["video_timestamps"][0] for s in singles]
+
+
+def test_media_keys_follow_the_content_and_the_settings(vl, tmp_path):
+    _, processor = vl
+    settings = processor.image_processor
+    im = image(80)
+    key = mm.media_key("image", im, settings)
+    assert key == mm.media_key("image", image(80), settings)  # the same pixels in another object
+    assert key != mm.media_key("image", im, dataclasses.replace(settings, max_pixels=64 * 64))
+    assert key != mm.media_key("video", im, processor.video_processor)
+    im.putpixel((0, 0), (1, 2, 3))
+    assert key != mm.media_key("image", im, settings)
+    url = data_url(image(81))
+    assert mm.media_key("image", url, settings) == mm.media_key("image", str(url), settings)
+    assert mm.media_key("image", str(tmp_path / "missing.png"), settings) is None  # the processor names the error
+    assert mm.media_key("image", "https://example.com/a.png", settings) is None
+    clip = frames(90, 4)
+    assert mm.media_key("video", clip, processor.video_processor) != mm.media_key(
+        "video", {**clip, "fps": 4}, processor.video_processor)
+
+
+def test_the_media_cache_is_bounded_in_items_and_bytes():
+    def item(n: int) -> mm.MediaItem:
+        return mm.MediaItem("image", np.zeros((n, 4), np.float32), np.array([1, 2, 2]), str(n))
+
+    cache = mm.MediaCache(capacity=3, max_bytes=1000)
+    for key in "abc":
+        cache.put(key, item(10))  # 160 bytes each
+    cache.get("a")
+    cache.put("d", item(10))
+    assert list(cache.items) == ["c", "a", "d"]  # least recently used first out
+    cache.put("e", item(50))  # 800 bytes: two more must go
+    assert list(cache.items) == ["d", "e"] and cache.nbytes == 960
+    cache.put("f", item(100))  # larger than the whole budget: not kept, nothing evicted for it
+    assert list(cache.items) == ["d", "e"]
