@@ -180,7 +180,7 @@ def test_detokenizer_reset(processor: Processor) -> None:
 
 CONVERSIONS = [
     # (schema or None for an undeclared key, raw value, expected)
-    ({"type": "string"}, "null", None),
+    ({"type": "string"}, "null", "null"),  # a plain string keeps the text (vLLM); nullable ones give None
     ({"type": "integer"}, "NULL", None),
     (None, "null", None),
     (None, "42", "42"),
@@ -201,8 +201,10 @@ CONVERSIONS = [
     ({"type": "integer"}, "4.5", "4.5"),
     ({"type": "integer"}, "many", "many"),
     ({"type": "number"}, "2.5", 2.5),
-    ({"type": "number"}, "3.0", 3),
-    ({"type": "number"}, "1e3", 1000),
+    ({"type": "number"}, "3.0", 3.0),  # a number keeps the form json.loads gives it (SGLang)
+    ({"type": "number"}, "1e3", 1000.0),
+    ({"type": "number"}, "9007199254740993", 9007199254740993),  # 2^53 + 1, exact
+    ({"type": "integer"}, "3.0", 3),  # JSON Schema counts 3.0 as an integer
     ({"type": "float"}, "-0.25", -0.25),
     ({"type": "number"}, "abc", "abc"),
     ({"type": "number"}, "inf", "inf"),
@@ -250,12 +252,19 @@ def _call(name: str, params: dict[str, str]) -> str:
 
 
 def test_conversion_table_through_parse_tool_call() -> None:
-    """Each table row, as a parameter of a real call, converts the same way."""
+    """Each table row, as a parameter of a real call, converts the same way.
+
+    Undeclared keys go one per call: after the first parameter, an undeclared name is text of the value before it.
+    """
+    declared = [(f"p{i}", raw, expected) for i, (schema, raw, expected) in enumerate(CONVERSIONS) if schema is not None]
     properties = {f"p{i}": schema for i, (schema, _, _) in enumerate(CONVERSIONS) if schema is not None}
-    params = {f"p{i}": raw for i, (_, raw, _) in enumerate(CONVERSIONS)}
-    call = parse_tool_call(_call("f", params), _tools(properties))
-    assert call.arguments == {f"p{i}": expected for i, (_, _, expected) in enumerate(CONVERSIONS)}
+    call = parse_tool_call(_call("f", {key: raw for key, raw, _ in declared}), _tools(properties))
+    assert call.arguments == {key: expected for key, _, expected in declared}
+    assert [type(value) for value in call.arguments.values()] == [type(expected) for _, _, expected in declared]
     json.loads(call.to_openai()["function"]["arguments"])
+    for schema, raw, expected in CONVERSIONS:
+        if schema is None:
+            assert parse_tool_call(_call("f", {"extra": raw}), _tools(properties)).arguments == {"extra": expected}
 
 
 def test_value_newlines_strip_exactly_one() -> None:
@@ -342,7 +351,11 @@ def test_tool_call_openai_shape_and_deltas() -> None:
 
 WEATHER_TOOLS = _tools(
     {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"}}, "get_weather"
-)
+) + _tools({"path": {"type": "string"}, "content": {"type": "string"}}, "write_file")
+
+# A file the model writes may itself hold tool-call syntax (vLLM's qwen3 xml/coder shared suite).
+NESTED_CALL = _call("write_file", {"path": "literal/value.txt", "content": "hello"})
+TEMPLATE_LINES = 'T = """\n</parameter>\n<parameter=new_string>\nx\n</parameter>\n"""'
 
 SAMPLES = [
     # (initial phase, text)
@@ -368,6 +381,19 @@ SAMPLES = [
     (CONTENT, "truncated call <tool_call>\n<function=f>\n<parameter=a>\n1"),
     (REASONING, "r</think></think>c<think>r2</think>\n\n\n\nc2<think>"),
     (REASONING, "<think><tool_call>\n\n<tool_call>\n<functio"),
+    # Tag text inside values: only structural tags end a value or the call (see the tool_parser docstring).
+    (REASONING, "I'll write it.</think>\n" + _call("write_file", {"path": "t.py", "content": f"d = '{NESTED_CALL}'"})),
+    (CONTENT, _call("write_file", {"path": "t.py", "content": TEMPLATE_LINES}) + "\nDone."),
+    (
+        CONTENT,
+        _call("f", {"bar": "baz"}) + "\n\n" + _call("write_file", {"content": f"t = '{_call('f', {'b': 'z'})}'"}),
+    ),
+    # A missing </parameter> (vLLM, SGLang), then a missing </tool_call> followed by the answer.
+    (
+        CONTENT,
+        "Checking:\n" + _call("get_weather", {"city": "Dallas", "days": "3"}).replace("Dallas\n</parameter>", "Dallas"),
+    ),
+    (CONTENT, _call("get_weather", {"city": "Oslo"})[: -len("</tool_call>")] + "The answer: <b>sun</b>."),
 ]
 
 
@@ -428,6 +454,21 @@ def test_stream_through_real_tokenizer(processor: Processor) -> None:
         events = [event for token_id in ids for event in parser.feed(detokenizer.add_token(token_id))]
         events += parser.feed(detokenizer.finalize()) + parser.finish()
         _same(_collect(events), parse_full(processor.decode(ids), WEATHER_TOOLS, phase))
+
+
+def test_tag_text_samples_parse_right() -> None:
+    """The samples with tag text inside values: what the (chunking-independent) parse gives."""
+    expected = [
+        ("I'll write it.", "", [("write_file", {"path": "t.py", "content": f"d = '{NESTED_CALL}'"})]),
+        ("", "Done.", [("write_file", {"path": "t.py", "content": TEMPLATE_LINES})]),
+        ("", "", [("f", {"bar": "baz"}), ("write_file", {"content": f"t = '{_call('f', {'b': 'z'})}'"})]),
+        ("", "Checking:\n", [("get_weather", {"city": "Dallas", "days": 3})]),
+        ("", "The answer: <b>sun</b>.", [("get_weather", {"city": "Oslo"})]),
+    ]
+    for (phase, text), (reasoning, content, calls) in zip(SAMPLES[12:], expected, strict=True):
+        out = parse_full(text, WEATHER_TOOLS, phase)
+        assert (out.reasoning, out.content) == (reasoning, content)
+        assert [(call.name, call.arguments) for call in out.tool_calls] == calls
 
 
 def test_markers_never_emitted_and_whitespace() -> None:
