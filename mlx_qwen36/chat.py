@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .cli import add_model_argument, add_sampling_arguments, sampling_kwargs
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
 from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
-from .sampling import PRESETS
 
-DEFAULT_MODEL = "mlx-community/Qwen3.6-35B-A3B-4bit"
 HELP = """commands:
   /think on|off        thinking before answering (now: {think})
   /reasoning show|hide show the model's reasoning, dimmed (now: {show})
@@ -209,18 +208,9 @@ def read_message(prompt: str = ">>> ") -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_qwen36.chat", description="Chat with Qwen3.6 in the terminal.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=os.environ.get("MLX_QWEN36_MODEL", DEFAULT_MODEL),
-                   help="local folder or Hugging Face repo id")
+    add_model_argument(p)
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per answer at most")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sampling preset from the model card (default: the checkpoint's generation_config.json)")
-    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p)
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--preserve-thinking", action="store_true",
                    help="keep past reasoning in the conversation (reuses the whole history from the cache)")
@@ -242,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    sampling = {"preset": args.preset, "temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
-                "min_p": args.min_p, "presence_penalty": args.presence_penalty,
-                "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    sampling = sampling_kwargs(args)
     session = Session(model, processor, sampling, max_tokens=args.max_tokens, system=args.system,
                       think=not args.no_think, preserve_thinking=args.preserve_thinking,
                       show_reasoning=not args.hide_reasoning,

@@ -15,27 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .chat import DEFAULT_MODEL
+from .cli import add_model_argument, add_sampling_arguments, sampling_kwargs
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
 from .multimodal import with_media
-from .sampling import PRESETS
 from .tool_parser import CONTENT, REASONING
 
 SEPARATOR = "=========="
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """The chat's sampling flags; None means the checkpoint's generation_config.json (or the preset) decides."""
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sampling preset from the model card (default: the checkpoint's generation_config.json)")
-    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
 
 
 def _bool(text: str) -> bool:
@@ -52,8 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_qwen36.generate",
                                 description="Answer one prompt with Qwen3.6: the answer on stdout, reasoning and "
                                             "statistics on stderr.")
-    p.add_argument("--model", default=os.environ.get("MLX_QWEN36_MODEL", DEFAULT_MODEL),
-                   help=f"local folder or Hugging Face repo id (default: $MLX_QWEN36_MODEL, else {DEFAULT_MODEL})")
+    add_model_argument(p)
     p.add_argument("--prompt", "-p", required=True, help="the user message; '-' reads it from stdin")
     p.add_argument("--system", "--system-prompt", default=None, help="system prompt")
     # extend + nargs="+": both mlx-lm's `--image a.png b.png` and a repeated `--image a.png --image b.png`.
@@ -75,10 +60,7 @@ def parser() -> argparse.ArgumentParser:
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `stream_generate` keyword arguments the flags ask for."""
-    return {"max_tokens": args.max_tokens, "enable_thinking": not args.no_think, "preset": args.preset,
-            "temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
-            "presence_penalty": args.presence_penalty, "repetition_penalty": args.repetition_penalty,
-            "seed": args.seed}
+    return {"max_tokens": args.max_tokens, "enable_thinking": not args.no_think, **sampling_kwargs(args)}
 
 
 def read_prompt(prompt: str, stdin: TextIO) -> str:

@@ -1,0 +1,37 @@
+"""Command-line pieces the chat, the one-shot generator (and later the server) share: the model argument and the
+sampling flags, with one meaning everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .sampling import PRESETS
+
+DEFAULT_MODEL = "mlx-community/Qwen3.6-35B-A3B-4bit"
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("MLX_QWEN36_MODEL", DEFAULT_MODEL),
+                   help=f"local folder or Hugging Face repo id (default: $MLX_QWEN36_MODEL, else {DEFAULT_MODEL})")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling flags; None means the checkpoint's generation_config.json (or the preset) decides."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="sampling preset from the model card (default: the checkpoint's generation_config.json)")
+    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `stream_generate` sampling arguments of `add_sampling_arguments`' flags."""
+    return {"preset": args.preset, "temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
+            "min_p": args.min_p, "presence_penalty": args.presence_penalty,
+            "repetition_penalty": args.repetition_penalty, "seed": args.seed}
