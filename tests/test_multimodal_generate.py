@@ -72,6 +72,20 @@ def first_logits(model, processor, messages, pc) -> tuple[np.ndarray, int]:
     return np.array(gen.prefill(model, pc, media.ids, cached, 5, media)), cached
 
 
+def test_decoding_after_an_image_uses_the_compiled_step(vl, monkeypatch):
+    """Text after an image decodes through the compiled step at cache index + rope_delta, token for token as
+    the plain model call with explicit 3-D positions does."""
+    model, processor = vl
+    kwargs = {"images": [image(0)], "max_tokens": 6, "temperature": 0}
+    real = gen.decode_step(model)
+    calls = []
+    monkeypatch.setattr(gen, "decode_step", lambda m: lambda *a: calls.append(a[2]) or real(*a))
+    fast = generate(model, processor, "Describe it", **kwargs).tokens
+    assert len(calls) == 6 and all(delta != 0 for delta in calls)  # every decoded token, with the image's delta
+    monkeypatch.setattr(gen, "decode_step", lambda m: None)
+    assert generate(model, processor, "Describe it", **kwargs).tokens == fast
+
+
 def test_images_and_video_in_one_prompt(vl):
     model, processor = vl
     r = generate(model, processor, "Compare them", images=[image(0), image(1, (64, 200))],
