@@ -21,7 +21,8 @@ Method, the same for both implementations:
 - host time: what building one decode step's graph costs the host (the part the pipeline hides behind the
   device's work);
 - dispatches: the primitives in the graph of one decode step (logits and new cache arrays), read from
-  `mx.export_to_dot`, i.e. what the back end evaluates per token, fused kernels counted once;
+  `mx.export_to_dot`, that launch work (fused kernels count once; views and reshapes, which only re-describe
+  memory, are not counted);
 - mlx-lm runs first on the model's arrays as loaded (no copies: its gate/up weights are views of ours); then
   mlx_qwen36 stores its matmul weights in its CPU layout (`fast.relayout_for_cpu`) and runs.
 """
@@ -145,12 +146,23 @@ def mlx_lm_model(ours: Model, text_config: dict) -> nn.Module:
 # measurements
 
 
-def count_dispatches(*outputs: mx.array) -> int:
-    """Primitives in the (unevaluated) graph of `outputs`: one per node the back end evaluates."""
+# Primitives that only re-describe an array's memory (shape, strides, offset): they launch no kernel.
+VIEWS = frozenset({"Reshape", "Transpose", "Slice", "Broadcast", "ExpandDims", "Squeeze", "Split", "AsStrided",
+                   "StopGradient"})
+
+
+def graph_primitives(*outputs: mx.array) -> list[str]:
+    """The primitive of every node in the (unevaluated) graph of `outputs`, fused kernels as one node."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "graph.dot")
         mx.export_to_dot(path, *outputs)
-        return len(re.findall(r"shape\s*=\s*rectangle", Path(path).read_text()))
+        text = Path(path).read_text()
+    return [label.split()[0] for label in re.findall(r'label\s*=\s*"([^"]*)"[^\]]*shape\s*=\s*rectangle', text)]
+
+
+def count_dispatches(*outputs: mx.array) -> int:
+    """Nodes of the graph of `outputs` that launch work on the back end (views and reshapes launch nothing)."""
+    return sum(p not in VIEWS for p in graph_primitives(*outputs))
 
 
 def cache_arrays(cache: list) -> list[mx.array]:

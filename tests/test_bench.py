@@ -67,3 +67,10 @@ def test_table_and_plot(report):
 def test_count_dispatches():
     a, b = mx.array([1.0]), mx.array([2.0])
     assert bench.count_dispatches((a + b) * b) == 2
+
+
+def test_views_are_not_dispatches():
+    a = mx.ones((2, 3))
+    mx.eval(a)
+    assert bench.count_dispatches(mx.expand_dims(a.T, 0)[:, 1:] * 2) == 1  # transpose, expand, slice: views
+    assert "Transpose" in bench.graph_primitives(a.T * 2)
