@@ -7,6 +7,10 @@
 - Attention is full (non-causal) within a frame and never crosses frames: one segment per temporal patch of each
   grid (HF's `cu_seqlens`). Consecutive segments of equal length are batched into one SDPA call, in bounded groups,
   so a long video costs O(frames * (h*w)^2), never O((frames*h*w)^2).
+- Attention memory is bounded per SDPA call, not per frame. Where no fused kernel exists (the CPU back end, CUDA in
+  fp32), SDPA materialises its `[frames, heads, queries, keys]` scores: 144 GB in fp32 for the 47,376 patches of a
+  12 MP photo. A frame over `ATTENTION_BATCH_ELEMENTS` scores runs in query chunks instead, each an exact softmax
+  over all of the frame's keys, so the features are those of one call.
 - The patch embedding keeps the checkpoint's channels-last Conv3d weight `[out, T, py, px, C]` (the MLX and mlx-vlm
   layout) and applies it as a Linear over the 1536-value patch, after reordering it to the processor's (C, T, py, px).
 """
@@ -20,8 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# Max attention-score elements (segments x heads x L x L) per batched SDPA call over equal-length frames.
-ATTENTION_BATCH_ELEMENTS = 1 << 28
+# Max attention-score elements (frames x heads x queries x keys) of one SDPA call that materialises its scores: it
+# caps how many equal-length frames share a call, and the query chunk of a frame too large for one call. 2**26
+# elements are 256 MiB in fp32, less than one [47376, 4304] MLP activation of a 12 MP photo (778 MiB).
+ATTENTION_BATCH_ELEMENTS = 1 << 26
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -149,6 +155,41 @@ def rotate_half(x: mx.array) -> mx.array:
     return mx.concatenate([-x2, x1], axis=-1)
 
 
+def frame_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Full attention within each frame: q, k, v `[frames, heads, L, head_dim]` -> `[frames, heads, L, head_dim]`.
+
+    Up to ATTENTION_BATCH_ELEMENTS scores it is one SDPA call. Above, a fused kernel if the back end has one for these
+    shapes (Metal has one for head dim 72 since MLX 0.32.2: it never holds the scores), else query chunks.
+    """
+    B, H, L, _ = q.shape
+    if B * H * L * L <= ATTENTION_BATCH_ELEMENTS:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    try:  # force_fused raises ValueError while building the graph, before any work, where no fused kernel exists
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, force_fused=True)
+    except ValueError:
+        return chunked_attention(q, k, v, scale)
+
+
+def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Exact attention in query chunks of at most ATTENTION_BATCH_ELEMENTS scores, each against all of the keys.
+
+    Each chunk is evaluated before the next one is built. Left lazy, MLX schedules the graph breadth-first (20 arrays
+    wide) and keeps ~20 chunks' scores alive at once (measured: 21 x one chunk's bytes). The eval also evaluates the
+    tower up to this layer; it runs only for frames above the budget, and the tower is never traced by mx.compile
+    (where an eval is not allowed).
+    """
+    B, H, L, _ = q.shape
+    rows = max(1, ATTENTION_BATCH_ELEMENTS // (B * H * L))
+    # Strided views of the fused qkv: without one copy here, every chunk's matmul would copy k and v again.
+    k, v = mx.contiguous(k), mx.contiguous(v)
+    chunks = []
+    for start in range(0, L, rows):
+        chunk = mx.fast.scaled_dot_product_attention(q[:, :, start:start + rows], k, v, scale=scale)  # [B, H, rows, D]
+        mx.eval(chunk)
+        chunks.append(chunk)
+    return mx.concatenate(chunks, axis=2)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -171,7 +212,7 @@ class VisionAttention(nn.Module):
         for start, length, count in runs:
             qs, ks, vs = (t[start:start + length * count].reshape(count, length, self.num_heads, self.head_dim)
                           .transpose(0, 2, 1, 3) for t in (q, k, v))
-            o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
+            o = frame_attention(qs, ks, vs, self.scale)  # [count, heads, length, head_dim]
             outs.append(o.transpose(0, 2, 1, 3).reshape(length * count, -1))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         return self.proj(o)

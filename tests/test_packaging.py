@@ -7,9 +7,11 @@ import ast
 import importlib.metadata
 import re
 import sys
-import tomllib
 
+import pytest
 from conftest import ROOT
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 OPTIONAL = {"av": "video"}  # imported only by the feature that needs it, with an error naming the extra
 

@@ -137,6 +137,99 @@ def test_tower_batches_frames_like_single_segments(ours, monkeypatch):
     assert max_diff(batched, tower(pv, grids)) <= 1e-6
 
 
+# A frame of 288 patches (2 * 288**2 scores in the tiny tower's 2 heads), a 2-frame video that one call can batch
+# (2 * 2 * 24**2 = 2304 scores) and a frame of 120 patches, under a budget that splits neither frame evenly: query
+# chunks of 4100 // (2 * 288) = 7 and 4100 // (2 * 120) = 17 rows, each with a shorter last chunk.
+LARGE_GRIDS = [(1, 16, 18), (2, 4, 6), (1, 12, 10)]
+SMALL_BUDGET = 4100
+UNBOUNDED = 1 << 62
+
+
+def spy_attention(monkeypatch, fused_available: bool = False) -> list[dict]:
+    """Record every SDPA call's score elements (batch x heads x queries x keys) and whether it forced a fused kernel.
+    With `fused_available`, a forced call succeeds, as on Metal (the unfused result stands in for the fused one's)."""
+    real = mx.fast.scaled_dot_product_attention
+    calls: list[dict] = []
+
+    def spy(q, k, v, *, scale, force_fused=False, **kwargs):
+        calls.append({"scores": q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2], "fused": force_fused})
+        if force_fused and fused_available:
+            return real(q, k, v, scale=scale, **kwargs)
+        return real(q, k, v, scale=scale, force_fused=force_fused, **kwargs)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def tower_features(tower, grids, budget: int, monkeypatch, seed: int = 4) -> np.ndarray:
+    monkeypatch.setattr(vision_module, "ATTENTION_BATCH_ELEMENTS", budget)
+    return np.array(tower(mx.array(pixels(grids, seed)).astype(tower.patch_embed.proj.weight.dtype), grids)
+                    .astype(mx.float32))
+
+
+def test_attention_scores_stay_within_the_budget(ours, monkeypatch):
+    """Without a fused kernel (the CPU back end), no SDPA call holds more than ATTENTION_BATCH_ELEMENTS scores: the
+    large frames run in query chunks, and the features equal those of one call per frame."""
+    tower = ours["moe"].visual
+    whole = tower_features(tower, LARGE_GRIDS, UNBOUNDED, monkeypatch)
+    calls = spy_attention(monkeypatch)
+    chunked = tower_features(tower, LARGE_GRIDS, SMALL_BUDGET, monkeypatch)
+    unfused = [c["scores"] for c in calls if not c["fused"]]
+    assert max(unfused) <= SMALL_BUDGET, f"an SDPA call held {max(unfused)} scores, over {SMALL_BUDGET}"
+    # Per block: the 288-patch frame in ceil(288 / 7) chunks, the video in one call, the 120-patch frame in 8 chunks.
+    assert len(unfused) == tower.cfg.depth * (42 + 1 + 8)
+    assert sum(c["fused"] for c in calls) == tower.cfg.depth * 2, "the fused kernel was not asked for first"
+    assert max_diff(chunked, whole) <= 1e-6
+
+
+def test_chunked_attention_in_bfloat16(tiny, monkeypatch):
+    tower = load_model(tiny["moe"]["hf"], dtype=mx.bfloat16).visual
+    whole = tower_features(tower, LARGE_GRIDS, UNBOUNDED, monkeypatch)
+    chunked = tower_features(tower, LARGE_GRIDS, SMALL_BUDGET, monkeypatch)
+    assert max_diff(chunked, whole) <= 1e-2 * np.abs(whole).max()
+
+
+def test_chunked_tower_matches_transformers(ours, theirs, monkeypatch):
+    grids = LARGE_GRIDS
+    got = tower_features(ours["moe"].visual, grids, SMALL_BUDGET, monkeypatch)
+    want = hf_tower(theirs["moe"], pixels(grids, seed=4), grids)
+    assert max_diff(got, want) <= TOWER_TOL
+
+
+def test_fused_kernel_is_used_where_available(ours, monkeypatch):
+    """Where the back end has a fused kernel (Metal, head dims 64, 72, 80, ...), a large frame stays one call."""
+    tower = ours["moe"].visual
+    whole = tower_features(tower, LARGE_GRIDS, UNBOUNDED, monkeypatch)
+    calls = spy_attention(monkeypatch, fused_available=True)
+    fused = tower_features(tower, LARGE_GRIDS, SMALL_BUDGET, monkeypatch)
+    assert [c["fused"] for c in calls] == [True, False, True] * tower.cfg.depth
+    assert max_diff(fused, whole) <= 1e-6
+
+
+def test_attention_peak_memory_is_bounded(ours, monkeypatch):
+    """Measured: with chunks, the tower's peak over a 3136-patch frame is a fraction of the frame's fp32 scores
+    [heads, N, N] (78.7 MB), which one SDPA call holds; what is left is O(N) (the rotary, qkv, MLP activations)."""
+    tower = ours["moe"].visual
+    grids = [(1, 56, 56)]
+    pv = mx.array(pixels(grids, seed=6))
+    scores_bytes = tower.cfg.num_heads * (56 * 56) ** 2 * 4
+
+    def peak(budget: int) -> tuple[int, mx.array]:
+        monkeypatch.setattr(vision_module, "ATTENTION_BATCH_ELEMENTS", budget)
+        mx.eval(pv)
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out = tower(pv, grids)
+        mx.eval(out)
+        return mx.get_peak_memory() - before, out
+
+    whole_peak, whole = peak(UNBOUNDED)
+    chunked_peak, chunked = peak(1 << 18)
+    assert whole_peak >= scores_bytes, "the unchunked call should hold the whole score matrix"
+    assert chunked_peak <= scores_bytes / 4, f"peak {chunked_peak / 2**20:.1f} MiB with chunks"
+    assert max_diff(chunked, whole) <= 1e-6
+
+
 def test_frames_do_not_attend_to_each_other(ours):
     """Changing frame 1 of a video (or a second image) leaves every other frame's features unchanged."""
     tower = ours["moe"].visual
