@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Cache
+from .cache import Cache, KVCache
 from .positions import text_position_ids
 
 __all__ = ["CPULinear", "cpu_gather_needs_fp32", "decode_step", "gather_matmul_fp32", "make_decode_step",
@@ -174,7 +174,7 @@ def relayout_for_cpu(model: nn.Module) -> int:
 @dataclass(frozen=True)
 class _Segment:
     """The layers one compiled call covers: the end of attention layer `close` (its o_proj and FFN), the GDN
-    layers `linear`, then the projections of attention layer `open` (or, when None, the final norm and lm_head)."""
+    layers `linear`, then the projections of attention layer `open` (or, when None, the final norm)."""
 
     close: int | None
     linear: tuple[int, ...]
@@ -204,9 +204,10 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
     updating `cache` the same way (lazily: evaluate the logits and `[c.state for c in cache]` as for the plain call).
 
     The step is a chain of `mx.compile`d segments cut at the attention cores: each segment runs the end of one
-    attention layer, the GDN layers after it and the projections of the next attention layer, with elementwise
-    chains fused and host work paid once per trace. The attention cores (the KV write and SDPA over the cache)
-    run between them uncompiled, so a growing KV buffer never changes a traced shape and nothing is traced again.
+    attention layer, the GDN layers after it and the projections of the next attention layer (the last one the
+    final norm), with elementwise chains fused and host work paid once per trace. The attention cores (the KV write
+    and SDPA over the cache) and the lm_head run between and after them uncompiled, so a growing KV buffer never
+    changes a traced shape and nothing is traced again.
     Each segment's weights are inputs of its compiled function, not constants: weights replaced after the first
     call (`load_weights`, an adapter) are used from the next call on. The caches' dtypes come from the
     activations: a cache still empty takes the plain call, which creates its states from what the layers produce.
@@ -216,7 +217,6 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
     """
     layers = model.layers
     segments = _segments(layers)
-    head = [model.model.norm, model.lm_head if "lm_head" in model else model.model.embed_tokens]
 
     def traced(segment: _Segment) -> Callable[[dict], dict]:
         def run(x: dict) -> dict:
@@ -232,7 +232,7 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
                 h = layers[i].decode(h, c)
                 out["states"] += [c.conv_state, c.recurrent_state]
             if segment.open is None:
-                out["logits"] = model.logits(model.model.norm(h))
+                out["h"] = model.model.norm(h)
                 return out
             layer = layers[segment.open]
             out["h"] = h
@@ -242,8 +242,8 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
 
         modules = [layers[i] for i in (segment.close, *segment.linear) if i is not None]
         modules += [model.model.embed_tokens] if segment.close is None else []
-        modules += head if segment.open is None else []
-        return mx.compile(run, inputs=[m.state for m in modules])
+        modules += [model.model.norm] if segment.open is None else []
+        return _KeepingLayout(mx.compile(run, inputs=[m.state for m in modules]), modules)
 
     compiled = [traced(s) for s in segments]
 
@@ -256,21 +256,49 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
             return model(tokens, cache, position_ids=positions)
         position = (mx.array(cache[0].offset, dtype=mx.int32) + mx.array(rope_delta, dtype=mx.int32)).reshape(-1)
         x: dict = {"tokens": tokens.reshape(B), "position": mx.broadcast_to(position, (B,))}
+        # What a trace depends on besides the weights: a new batch size or state dtype traces the segments again.
+        shapes = (B, *(str(a.dtype) for c in cache for a in ((c.keys,) if isinstance(c, KVCache)
+                                                              else (c.conv_state, c.recurrent_state))))
         for segment, fn in zip(segments, compiled):
             x["states"] = [a for i in segment.linear for a in (cache[i].conv_state, cache[i].recurrent_state)]
-            out = fn(x)
+            out = fn(x, shapes)
             states = iter(out["states"])
             for i in segment.linear:
                 cache[i].conv_state, cache[i].recurrent_state = next(states), next(states)
                 cache[i].offset += 1
             if segment.open is None:
-                return out["logits"].reshape(B, 1, -1)
+                # The lm_head is one matmul, nothing to fuse: uncompiled, it keeps the back end's own form (on the
+                # CPU, the stored layout split over two threads).
+                return model.logits(out["h"]).reshape(B, 1, -1)
             attn = layers[segment.open].self_attn
             o = attn.attend(out["q"], out["k"], out["v"], cache[segment.open])
             x = {"h": out["h"], "o": o, "gate": out["gate"], "position": x["position"]}
         raise AssertionError("the last segment returns the logits")
 
     return step
+
+
+class _KeepingLayout:
+    """A compiled segment that keeps `relayout_for_cpu`'s weights usable by the uncompiled path (prefill).
+
+    While tracing, `mx.compile` swaps the input arrays in the module tree for tracers and puts the values back
+    afterwards as new array objects; `CPULinear` and `stored_transpose` recognise their weight by object identity,
+    so after a trace they would fall back to the checkpoint layout for good. On a call that may trace (new input
+    shapes), the relaid-out weights are noted before and put back after: the same values, the same objects.
+    """
+
+    def __init__(self, fn: Callable[[dict], dict], modules: list[nn.Module]):
+        self.fn, self.modules, self.seen = fn, modules, set()
+
+    def __call__(self, x: dict, shapes: tuple) -> dict:
+        if shapes in self.seen:
+            return self.fn(x)
+        kept = [(m, m.weight) for root in self.modules for _, m in root.named_modules() if "_weight_t" in m.__dict__]
+        out = self.fn(x)
+        for module, weight in kept:
+            module.weight = weight
+        self.seen.add(shapes)
+        return out
 
 
 def _is_zero(value: int | mx.array) -> bool:

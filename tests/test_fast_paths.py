@@ -319,6 +319,20 @@ def test_decode_step_uses_weights_replaced_after_it_was_traced(tiny):
     assert max_diff(got, changed) <= 1e-5
 
 
+def test_cpu_layout_survives_the_compiled_step(tiny):
+    """Tracing swaps the weights for tracers and back: the relaid-out weights must still be recognised afterwards,
+    or prefill would lose the CPU layout and its second thread after the first decoded token."""
+    model = load_model(tiny["moe"]["hf"])
+    layers = [model.lm_head, model.layers[0].mlp.experts.gate_up_proj, model.layers[0].linear_attn.conv1d]
+    assert all(stored_transpose(m) is not None for m in layers)
+    step = make_decode_step(model)
+    cache = model.make_cache()
+    model.prefill(mx.array(tiny["moe"]["golden"]["input_ids"]), cache)
+    for _ in range(2):
+        mx.eval(step(mx.array([[5], [6]]), cache))
+    assert all(stored_transpose(m) is not None for m in layers)
+
+
 def test_decode_step_is_not_traced_again_when_the_kv_buffer_grows(tiny, monkeypatch):
     model = load_model(tiny["moe"]["hf"])
     step = make_decode_step(model)
