@@ -26,7 +26,7 @@ def test_wheel_has_the_source_tree_layout(wheel_dir):
     # Every module of the source tree's package is in the wheel at the same path, and nothing else is: so
     # `python -m mlx_qwen36.chat` run from a clone's root (source tree first on sys.path) imports what the wheel has.
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mlx_qwen36").rglob("*")
-              if p.is_file() and "__pycache__" not in p.parts}
+              if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
     wheel = {p.relative_to(wheel_dir).as_posix() for p in (wheel_dir / "mlx_qwen36").rglob("*") if p.is_file()}
     assert "mlx_qwen36/convert/hf.py" in source and "mlx_qwen36/metal/README.md" in source
     assert source == wheel
