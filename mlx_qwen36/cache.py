@@ -109,6 +109,15 @@ class GDNCache:
 Cache = KVCache | GDNCache
 
 
+def buffers(cache: list[Cache]) -> list[mx.array]:
+    """The arrays a step writes into a model cache (whole KV buffers, not views of their filled rows): what to
+    evaluate after a step without adding graph nodes, and what a compiled step's trace depends on."""
+    out: list[mx.array] = []
+    for c in cache:
+        out += [a for a in (c.keys, c.values) if a is not None] if isinstance(c, KVCache) else c.state
+    return out
+
+
 def snapshot(cache: list[Cache]) -> list[Any]:
     """A restorable copy of a whole model cache (see `restore`)."""
     return [c.snapshot() for c in cache]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Cache, KVCache
+from .cache import Cache, buffers
 from .positions import text_position_ids
 
 __all__ = ["CPULinear", "cpu_gather_needs_fp32", "decode_step", "gather_matmul_fp32", "make_decode_step",
@@ -257,8 +257,7 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
         position = (mx.array(cache[0].offset, dtype=mx.int32) + mx.array(rope_delta, dtype=mx.int32)).reshape(-1)
         x: dict = {"tokens": tokens.reshape(B), "position": mx.broadcast_to(position, (B,))}
         # What a trace depends on besides the weights: a new batch size or state dtype traces the segments again.
-        shapes = (B, *(str(a.dtype) for c in cache for a in ((c.keys,) if isinstance(c, KVCache)
-                                                              else (c.conv_state, c.recurrent_state))))
+        shapes = (B, *(str(a.dtype) for a in buffers(cache)))
         for segment, fn in zip(segments, compiled):
             x["states"] = [a for i in segment.linear for a in (cache[i].conv_state, cache[i].recurrent_state)]
             out = fn(x, shapes)

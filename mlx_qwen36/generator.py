@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import KVCache
+from .cache import buffers as cache_buffers
 from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .detokenizer import StreamingDetokenizer
@@ -242,10 +242,6 @@ class _InFlight:
     before: list[Any]
 
 
-def _cache_arrays(cache: list) -> list[mx.array]:
-    return [a for c in cache for a in ((c.keys, c.values) if isinstance(c, KVCache) else c.state) if a is not None]
-
-
 def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable | None,
                  rope_delta: int) -> _InFlight:
     """Queue the decode step that feeds `token` (lazy [1]) and return at once; the cache holds its lazy outputs.
@@ -261,7 +257,7 @@ def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable 
         else:
             positions = text_position_ids(len(pc.tokens), 1, rope_delta) if rope_delta else None
             logits = model(x, pc.cache, position_ids=positions)[:, -1]
-        mx.async_eval(logits, _cache_arrays(pc.cache))
+        mx.async_eval(logits, cache_buffers(pc.cache))
     except BaseException:
         restore_cache(pc.cache, before)
         raise
