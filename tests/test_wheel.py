@@ -13,8 +13,10 @@ from conftest import FIXTURES, ROOT
 @pytest.fixture(scope="module")
 def wheel_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(out), str(ROOT)], check=True, capture_output=True)
+    # Built as pip builds it for a user: in an isolated environment with pyproject's build requirements (a fresh
+    # venv's own setuptools may be older than they allow).
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)], check=True,
+                   capture_output=True)
     wheel = next(out.glob("mlx_qwen36-*.whl"))
     site = out / "site"
     with zipfile.ZipFile(wheel) as z:
