@@ -7,8 +7,8 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import TextConfig
-from .fast import worker_stream
 from .norms import RMSNorm
+from .ops import attention
 from .rope import Rotary
 
 
@@ -98,28 +98,7 @@ class GatedAttention(nn.Module):
             k, v = cache.update(k, v)
         # "causal" aligns the mask bottom-right, so a chunk after a cached prefix sees the whole prefix.
         mask = cache.attention_mask(T) if cache is not None else ("causal" if T > 1 else None)
-        if T == 1 and mx.default_device() == mx.cpu:
-            return self._decode_attention(q, k, v, mask)
-        stream = worker_stream() if self.num_kv_heads % 2 == 0 else None
-        if stream is None or T == 1:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        # Prefill: each half of the kv heads (with their query heads) on one of two CPU threads.
-        hq, hk = self.num_heads // 2, self.num_kv_heads // 2
-        first = mx.fast.scaled_dot_product_attention(q[:, :hq], k[:, :hk], v[:, :hk], scale=self.scale, mask=mask)
-        with mx.stream(stream):
-            second = mx.fast.scaled_dot_product_attention(q[:, hq:], k[:, hk:], v[:, hk:], scale=self.scale, mask=mask)
-        return mx.concatenate([first, second], axis=1)
-
-    def _decode_attention(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        """One query per row on the CPU, where `mx.fast.scaled_dot_product_attention` is a longer chain of ops: the
-        query heads of each kv head form one [rep, D] matrix against that head's keys."""
-        B, Hq, _, D = q.shape
-        Hkv = k.shape[1]
-        scores = (q.reshape(B, Hkv, Hq // Hkv, D) * self.scale) @ k.swapaxes(-1, -2)  # [B, Hkv, rep, S]
-        if mask is not None:
-            scores = mx.where(mask, scores, -mx.inf)
-        o = mx.softmax(scores, axis=-1, precise=True) @ v  # [B, Hkv, rep, D]
-        return o.reshape(B, Hq, 1, D)
+        return attention(q, k, v, self.scale, mask)
 
 
 def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:

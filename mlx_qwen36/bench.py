@@ -24,7 +24,7 @@ Method, the same for both implementations:
   `mx.export_to_dot`, that launch work (fused kernels count once; views and reshapes, which only re-describe
   memory, are not counted);
 - mlx-lm runs first on the model's arrays as loaded (no copies: its gate/up weights are views of ours); then
-  mlx_qwen36 stores its matmul weights in its CPU layout (`fast.relayout_for_cpu`) and runs.
+  mlx_qwen36 stores its matmul weights in its CPU layout (`ops.relayout_for_cpu`) and runs.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import synthetic
 from .config import ModelConfig
 from .convert.hf import keeps_fp32
-from .fast import make_decode_step, relayout_for_cpu
+from .fast import make_decode_step
 from .model import Model
+from .ops import relayout_for_cpu
 
 OURS, PEER = "mlx_qwen36", "mlx_lm"
 DEFAULT_LENGTHS = (128, 512, 2048)

@@ -257,7 +257,7 @@ def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtyp
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{folder}: reading the weights failed: {e}") from None
         if mx.default_device() == mx.cpu:
-            from .fast import relayout_for_cpu
+            from .ops import relayout_for_cpu
 
             relayout_for_cpu(model)  # the CPU BLAS multiplies [in, out] weights about twice as fast
     model.eval()

@@ -1,9 +1,9 @@
 """Feed-forward blocks: the dense SwiGLU MLP (27B) and the routed MoE with a gated shared expert (35B-A3B).
 
-The routed experts read each token's experts with gathered matmuls: gate and up projections are one stacked weight
-(one gather), SwiGLU is one fused expression, and the weighted combine over the k experts is one batched matmul
-that the shared expert is added to. Prefill sorts the (token, expert) pairs by expert so each expert's weights are
-read once per chunk.
+The block's maths (router, experts, combine) is the op `ops.sparse_moe`: fused Metal kernels for a few tokens, and
+this file's expert stacks for the rest. The routed experts read each token's experts with gathered matmuls: gate
+and up projections are one stacked weight (one gather), SwiGLU is one fused expression. Prefill sorts the
+(token, expert) pairs by expert so each expert's weights are read once per chunk.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .fast import cpu_gather_needs_fp32, gather_matmul_fp32, split_rows, stored_transpose
-
-# Below this many (token, expert) pairs, sorting tokens by expert costs more than it saves.
-SORT_THRESHOLD = 64
+from .ops import SORT_THRESHOLD, cpu_gather_needs_fp32, gather_matmul_fp32, sparse_moe, split_rows, stored_transpose
 
 
 class MLP(nn.Module):
@@ -38,21 +35,6 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 
-def router(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
-    """Top-k experts and their renormalised softmax weights: (indices [..., k], weights [..., k] in logits' dtype).
-
-    Renormalising the top-k of softmax(l) over all experts is exactly softmax over the top-k logits (the full
-    normaliser cancels), so only the k selected logits are exponentiated, in fp32. The weights are cast back to
-    the logits' (the hidden state's) dtype, as the reference does: fp32 weights would promote the expert sum, and
-    from there the residual stream, every activation and every cache of a bf16 model, to fp32.
-    """
-    E = logits.shape[-1]
-    inds = mx.argpartition(logits, kth=E - top_k, axis=-1)[..., E - top_k :]
-    top = mx.take_along_axis(logits, inds, axis=-1).astype(mx.float32)
-    weights = mx.softmax(top, axis=-1, precise=True)
-    return inds, weights.astype(logits.dtype)
-
-
 @lru_cache(maxsize=32)
 def _lhs_indices(*shape: int) -> mx.array:
     """`gather_mm`'s default lhs_indices (every lhs matrix in order, laid out as `shape`), made once as a constant
@@ -68,6 +50,8 @@ def _lhs_indices(*shape: int) -> mx.array:
 class SwitchLinear(nn.Module):
     """A stack of expert linears, weight [E, out, in], applied to the experts each token was routed to."""
 
+    expert_stack = True  # `ops.relayout_for_cpu` stores it [E, in, out]
+
     def __init__(self, input_dims: int, output_dims: int, num_experts: int):
         super().__init__()
         scale = input_dims**-0.5
@@ -75,7 +59,7 @@ class SwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False,
                  lhs_indices: mx.array | None = None) -> mx.array:
-        w = stored_transpose(self)  # [E, in, out] after `fast.relayout_for_cpu`
+        w = stored_transpose(self)  # [E, in, out] after `ops.relayout_for_cpu`
         if w is None and cpu_gather_needs_fp32(self.weight.dtype):
             return gather_matmul_fp32(x, self.weight, indices, sorted_indices, lhs_indices)
         if w is None:
@@ -161,11 +145,6 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
-        if x.ndim != 2:
-            x = x.reshape(-1, shape[-1])  # [N, H]
-        inds, weights = router(self.gate(x), self.top_k)
-        y = weights[:, None, :] @ self.experts(x, inds)  # [N, 1, k] @ [N, k, H]: the weighted sum over experts
-        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        if len(shape) != 2:
-            shared = shared.reshape(shape)
-        return y.reshape(shape) + shared
+        y = sparse_moe(x.reshape(-1, shape[-1]), self.gate, self.experts, self.shared_expert,
+                       self.shared_expert_gate, self.top_k)
+        return y.reshape(shape)

@@ -25,13 +25,11 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormGated(nn.Module):
-    """GDN output norm: plain weight, statistics in fp32, then multiplied by SiLU(z) in fp32 (as the reference)."""
+    """GDN output norm: plain weight, statistics in fp32, then multiplied by SiLU(z) in fp32 (as the reference).
+
+    It holds the weight only: the norm is applied inside `ops.gated_delta_mixer`, fused with the mixer."""
 
     def __init__(self, dims: int, eps: float = 1e-6):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.eps = eps
-
-    def __call__(self, x: mx.array, z: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x, self.weight, self.eps)
-        return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)

@@ -9,12 +9,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import mlx_qwen36.gated_delta as gd
+import mlx_qwen36.ops.gated_delta as gd
 from mlx_qwen36 import load_model
 from mlx_qwen36.cache import GDNCache, KVCache, restore, snapshot
-from mlx_qwen36.fast import CPULinear, make_decode_step, relayout_for_cpu, stored_transpose
+from mlx_qwen36.fast import make_decode_step
+from mlx_qwen36.ops import CPULinear, relayout_for_cpu, router, stored_transpose
 from mlx_qwen36.gated_delta import GatedDeltaNet
-from mlx_qwen36.moe import router
 from mlx_qwen36.positions import text_position_ids
 
 TOL = 1e-4

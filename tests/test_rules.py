@@ -12,7 +12,7 @@ import pytest
 
 import mlx_qwen36.attention as attention
 import mlx_qwen36.convert.hf as hf
-import mlx_qwen36.gated_delta as gated_delta
+import mlx_qwen36.ops.gated_delta as gated_delta
 from mlx_qwen36 import load_model
 
 

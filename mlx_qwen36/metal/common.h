@@ -1,0 +1,39 @@
+// Helpers shared by the mlx_qwen36 kernels (passed to mx.fast.metal_kernel as `header`).
+// The subset of MSL these kernels keep to is written down in README.md.
+
+inline float silu_f(float x) {
+  return x / (1.0f + metal::exp(-x));
+}
+
+inline float softplus_f(float x) {
+  // log(1 + e^x) without overflow, as mlx.nn.softplus (logaddexp(x, 0)).
+  return metal::max(x, 0.0f) + metal::log(1.0f + metal::exp(-metal::abs(x)));
+}
+
+inline float sigmoid_f(float x) {
+  return 1.0f / (1.0f + metal::exp(-x));
+}
+
+// One lane's share of x . dequant(row) for an affine-quantized row of n inputs (uint32 words holding 32/BITS
+// values each, lowest bits first; w = scale * q + bias per group of GS inputs). Lanes take words lane, lane + 32, ...
+template <typename XT, typename ST, int BITS, int GS>
+inline float qdot_lane(const device XT* x, const device uint32_t* w, const device ST* scales,
+                       const device ST* biases, int n, uint lane) {
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  float acc = 0.0f;
+  for (int word = int(lane); word < n / PER_WORD; word += 32) {
+    int first = word * PER_WORD;
+    uint32_t packed = w[word];
+    float xq = 0.0f;
+    float xs = 0.0f;
+    for (int v = 0; v < PER_WORD; v++) {
+      float xv = float(x[first + v]);
+      xq += xv * float((packed >> (v * BITS)) & MASK);
+      xs += xv;
+    }
+    int group = first / GS;
+    acc += float(scales[group]) * xq + float(biases[group]) * xs;
+  }
+  return acc;
+}

@@ -1,0 +1,28 @@
+"""The op layer: every hot op of the model behind one boundary, with a pure-MLX reference and its back ends.
+
+| op | reference | Metal kernel | CPU form |
+|---|---|---|---|
+| `gated_delta_mixer` | conv, norms, gates, delta rule (`gated_delta`) | `gdn_mixer` (all T) | two threads by heads |
+| `sparse_moe` | `router` + gathered expert matmuls | `moe_router`, `moe_gate_up`, `moe_down` | fp32 gathers |
+| `attention` | `mx.fast.scaled_dot_product_attention` | (MLX's own) | grouped decode matmul |
+
+Model files call these and nothing below them. Whether a kernel runs is decided in `kernels` (MLX_QWEN36_KERNELS,
+failures, timed choice); the CPU back end's weight layout and second thread are in `cpu`.
+"""
+
+from .attention import attention
+from .cpu import (
+                  CPULinear,
+                  cpu_gather_needs_fp32,
+                  gather_matmul_fp32,
+                  relayout_for_cpu,
+                  split_rows,
+                  stored_transpose,
+                  worker_stream,
+)
+from .gated_delta import GDNDims, GDNOutput, gated_delta_mixer
+from .moe import SORT_THRESHOLD, router, sparse_moe
+
+__all__ = ["CPULinear", "GDNDims", "GDNOutput", "SORT_THRESHOLD", "attention", "cpu_gather_needs_fp32",
+           "gated_delta_mixer", "gather_matmul_fp32", "relayout_for_cpu", "router", "sparse_moe", "split_rows",
+           "stored_transpose", "worker_stream"]
