@@ -8,7 +8,7 @@ import mlx.nn as nn
 from .cache import KVCache
 from .config import TextConfig
 from .norms import RMSNorm
-from .ops import attention
+from .ops import attention, projections, rotary_decode
 from .rope import Rotary
 
 
@@ -56,40 +56,28 @@ class GatedAttention(nn.Module):
         o = self.attend(q, k, v, cache).transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(o * mx.sigmoid(gate.reshape(B, T, -1)))
 
-    def decode(self, x: mx.array, cache: KVCache | None) -> mx.array:
-        """One token per row at the cache position, x [B, H] -> [B, H]: the same maths on [B, heads, 1, D] rows,
-        with one cos/sin for q and k. It is three steps so that the compiled decode step (`fast`) can trace the
-        projections around the attention core, whose shapes grow with the cache."""
+    def decode(self, x: mx.array, cache: KVCache | None, residual: mx.array | None = None) -> mx.array:
+        """One token per row at the cache position, x [B, H] -> [B, H] (plus `residual`, added in o_proj's launch):
+        the same maths on [B, heads, 1, D] rows. It is three steps so that the compiled decode step (`fast`) can
+        trace the projections around the attention core, whose shapes grow with the cache."""
         q, k, v, gate = self.decode_qkv(x, cache.offset if cache is not None else 0)
-        return self.decode_out(self.attend(q, k, v, cache), gate)
+        return self.decode_out(self.attend(q, k, v, cache), gate, residual)
 
     def decode_qkv(self, x: mx.array, position: int | mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """x [B, H] at `position` (an int, or [B] per row) -> rotated q [B, heads, 1, D], k and v [B, kv heads,
         1, D], and the output gate [B, heads * D]."""
         B = x.shape[0]
-        qg = self.q_proj(x).reshape(B, self.num_heads, 2 * self.head_dim)
-        q, gate = mx.split(qg, 2, axis=-1)  # per-head interleaved, as split_query_gate
+        qg, k, v = projections(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, gate = mx.split(qg.reshape(B, self.num_heads, 2 * self.head_dim), 2, axis=-1)  # as split_query_gate
         q = self.q_norm(q).reshape(B, self.num_heads, 1, self.head_dim)
-        k = self.k_norm(self.k_proj(x).reshape(B, self.num_kv_heads, 1, self.head_dim))
-        v = self.v_proj(x).reshape(B, self.num_kv_heads, 1, self.head_dim)
-        cos, sin = self._rotation(position, q.dtype)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v, gate.reshape(B, -1)
+        k = self.k_norm(k.reshape(B, self.num_kv_heads, 1, self.head_dim))
+        v = v.reshape(B, self.num_kv_heads, 1, self.head_dim)
+        q, k = rotary_decode(q, k, position, self.rope)
+        return q, k, v, gate.reshape(B, -1)
 
-    def decode_out(self, o: mx.array, gate: mx.array) -> mx.array:
-        """Attention output o [B, heads, 1, D] -> [B, H] through the sigmoid gate and o_proj."""
-        return self.o_proj(o.reshape(o.shape[0], -1) * mx.sigmoid(gate))
-
-    def _rotation(self, position: int | mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """cos, sin [half] of one position (or [B, 1, 1, half] for a position per row), computed as
-        `mx.fast.rope`'s CPU path does (YaRN scaling folded in)."""
-        position = mx.array(position, dtype=mx.float32)
-        theta = position[..., None] * mx.reciprocal(self.rope.freqs)
-        if position.ndim == 1:
-            theta = theta[:, None, None, :]
-        cos, sin = mx.cos(theta), mx.sin(theta)
-        if self.rope.scaling != 1.0:
-            cos, sin = cos * self.rope.scaling, sin * self.rope.scaling
-        return cos.astype(dtype), sin.astype(dtype)
+    def decode_out(self, o: mx.array, gate: mx.array, residual: mx.array | None = None) -> mx.array:
+        """Attention output o [B, heads, 1, D] -> [B, H] through the sigmoid gate and o_proj (+ residual)."""
+        return projections(o.reshape(o.shape[0], -1), [self.o_proj], gate=gate, residual=residual)[0]
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
         """q [B, heads, T, D] and this step's rotated k, v [B, kv heads, T, D] -> [B, heads, T, D] over the cache."""
@@ -99,10 +87,3 @@ class GatedAttention(nn.Module):
         # "causal" aligns the mask bottom-right, so a chunk after a cached prefix sees the whole prefix.
         mask = cache.attention_mask(T) if cache is not None else ("causal" if T > 1 else None)
         return attention(q, k, v, self.scale, mask)
-
-
-def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """NeoX rotate-half rotary on the first 2·len(cos) dims of x [..., D], the rest passed through."""
-    half = cos.shape[-1]
-    x1, x2, rest = mx.split(x, [half, 2 * half], axis=-1)
-    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], axis=-1)

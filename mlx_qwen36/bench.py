@@ -23,6 +23,10 @@ Method, the same for both implementations:
 - dispatches: the primitives in the graph of one decode step (logits and new cache arrays), read from
   `mx.export_to_dot`, that launch work (fused kernels count once; views and reshapes, which only re-describe
   memory, are not counted);
+- the Mac's graph of one decode step (`graph`): built as on Metal (the ops' Metal forms, each custom kernel one
+  `CustomKernel` node; mlx-lm with its own gated-delta Metal kernel) and read from an `mx.export_function` of the
+  plain, uncompiled step (`mlx_qwen36.graph`): its launches and the bytes they move (inputs + outputs of each),
+  for mlx_qwen36 with kernels on and off and for mlx-lm. Nothing there runs, so it is the same on any machine;
 - mlx-lm runs first on the model's arrays as loaded (no copies: its gate/up weights are views of ours); then
   mlx_qwen36 stores its matmul weights in its CPU layout (`ops.relayout_for_cpu`) and runs.
 """
@@ -30,6 +34,7 @@ Method, the same for both implementations:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -38,6 +43,8 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +53,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import synthetic
+from . import graph, synthetic
 from .config import ModelConfig
 from .convert.hf import keeps_fp32
 from .fast import make_decode_step
 from .model import Model
-from .ops import relayout_for_cpu
+from .ops import kernels, relayout_for_cpu
 
 OURS, PEER = "mlx_qwen36", "mlx_lm"
 DEFAULT_LENGTHS = (128, 512, 2048)
@@ -104,6 +111,19 @@ def synthetic_model(preset: str, overrides: dict[str, Any], dtype: mx.Dtype, see
     for _, w in tree_flatten(model.parameters()):  # one tensor at a time: the peak is the model
         mx.eval(w)
     return model, text
+
+
+def router_predicate(path: str, module: nn.Module) -> bool | dict:
+    """How both models are quantized by `--bits`: the router and shared-expert gates at 8 bits (group 64), as
+    mlx-lm's `quant_predicate` and the converter's recipes do, every other matmul at the chosen bits."""
+    if path.endswith(("mlp.gate", "shared_expert_gate")):
+        return {"group_size": 64, "bits": 8}
+    return hasattr(module, "to_quantized")
+
+
+def quantize(model: nn.Module, bits: int, group_size: int) -> None:
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=router_predicate)
+    mx.eval(model.parameters())
 
 
 def loaded_model(path: str, dtype: mx.Dtype) -> tuple[Model, dict]:
@@ -286,6 +306,97 @@ class Runner:
         mx.eval(logits, cache_arrays(cache))
         return n
 
+    def mac_graphs(self, ids: mx.array) -> dict[str, dict]:
+        """The Mac's graph of one decode step after `ids` (see the module docstring), per variant."""
+        raise NotImplementedError
+
+    def traced_step(self, ids: mx.array, *contexts: Any) -> dict[str, Any]:
+        """The Mac graph's summary of one plain decode step after prefilling `ids` into a fresh cache (discarded
+        afterwards: tracing leaves placeholders in it), traced inside `contexts` (the prefill runs outside them)."""
+        cache = self.new_cache()
+        token = self.prefill(ids, cache)
+        mx.eval(cache_arrays(cache))
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            nodes = graph.trace(lambda t: [self.plain_step(t, cache), *cache_arrays(cache)], token[:, None])
+        return graph_summary(nodes)
+
+    def plain_step(self, tokens: mx.array, cache: list) -> mx.array:
+        raise NotImplementedError
+
+
+def graph_summary(nodes: list[graph.Node]) -> dict[str, Any]:
+    """Launches, and the bytes they move: what a gather or a cache write touches (`graph.bytes_moved`'s
+    touched_only), and for the fused MoE kernels only the routed experts' rows of their expert stacks."""
+    moved = graph.bytes_moved([n for n in nodes if not _expert_kernel(n)], touched_only=True)
+    return {"dispatches": graph.dispatches(nodes), "bytes": moved + sum(_expert_kernel_bytes(n) for n in nodes
+                                                                         if _expert_kernel(n)),
+            "by_primitive": graph.by_primitive(nodes)}
+
+
+def _expert_kernel(node: graph.Node) -> bool:
+    return node.primitive == "CustomKernel" and (node.name or "").startswith(("custom_kernel_moe_gate_up",
+                                                                             "custom_kernel_moe_down"))
+
+
+def _expert_kernel_bytes(node: graph.Node) -> int:
+    """A fused MoE kernel reads, of each [E, rows, cols] expert stack, the rows of the experts its indices pick."""
+    inds = next(shape for shape, dtype in node.inputs if dtype == "uint32" and len(shape) == 2)
+    total = 0
+    for shape, dtype in node.inputs + node.outputs:
+        n = int(np.prod(shape)) * np.dtype(_NUMPY_NAMES.get(dtype, dtype)).itemsize
+        if len(shape) == 3 and shape[0] > inds[1]:
+            n = n * min(shape[0], int(np.prod(inds))) // shape[0]
+        total += n
+    return total
+
+
+_NUMPY_NAMES = {"bfloat16": "float16", "bool": "bool_"}
+
+
+@contextmanager
+def fast_ops_as_launches() -> Iterator[None]:
+    """`mx.fast`'s fused ops recorded as one launch each, as on Metal: without Metal, MLX records their fallback
+    ops instead. Each becomes a `CustomKernel` node with the op's inputs and outputs (not run; see `graph`)."""
+    made: dict[str, Any] = {}
+
+    def launch(name: str, inputs: list, shapes: list, dtypes: list) -> list[mx.array]:
+        key = f"{name}_{len(inputs)}"
+        if key not in made:
+            made[key] = mx.fast.metal_kernel(name=f"fast_{name}", input_names=[f"i{k}" for k in range(len(inputs))],
+                                             output_names=[f"o{k}" for k in range(len(shapes))], source="")
+        return made[key](inputs=inputs, output_shapes=shapes, output_dtypes=dtypes, grid=(1, 1, 1),
+                          threadgroup=(1, 1, 1))
+
+    def arrays(*xs: Any) -> list[mx.array]:
+        return [x for x in xs if isinstance(x, mx.array)]
+
+    def rms_norm(x, weight, eps, **_):
+        return launch("rms_norm", arrays(x, weight), [x.shape], [x.dtype])[0]
+
+    def rope(a, dims, *, traditional, base, scale, offset, freqs=None, **_):
+        return launch("rope", arrays(a, offset, freqs), [a.shape], [a.dtype])[0]
+
+    def sdpa(q, k, v, *, scale, mask=None, sinks=None, **_):
+        return launch("sdpa", arrays(q, k, v, mask, sinks), [(*q.shape[:-1], v.shape[-1])], [q.dtype])[0]
+
+    def gated_delta_update(q, k, v, gamma, beta, initial_state=None, mask=None, **_):
+        B, T, Hv, Dv = v.shape
+        return launch("gated_delta_update", arrays(q, k, v, gamma, beta, initial_state, mask),
+                      [v.shape, (B, Hv, Dv, q.shape[-1])], [v.dtype, mx.float32])
+
+    replaced = {"rms_norm": rms_norm, "rope": rope, "scaled_dot_product_attention": sdpa,
+                "gated_delta_update": gated_delta_update}
+    saved = {name: getattr(mx.fast, name) for name in replaced}
+    try:
+        for name, fn in replaced.items():
+            setattr(mx.fast, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(mx.fast, name, fn)
+
 
 class Ours(Runner):
     name = OURS
@@ -306,6 +417,15 @@ class Ours(Runner):
 
     def step(self, token: mx.array, cache: list) -> mx.array:
         return self._step(token[:, None], cache)
+
+    def plain_step(self, tokens: mx.array, cache: list) -> mx.array:
+        return self.model(tokens, cache)
+
+    def mac_graphs(self, ids: mx.array) -> dict[str, dict]:
+        out = {}
+        for name, on in (("kernels", True), ("pure", False)):
+            out[name] = self.traced_step(ids, kernels.recording(on), fast_ops_as_launches())
+        return out
 
 
 class MlxLm(Runner):
@@ -337,6 +457,47 @@ class MlxLm(Runner):
     def step(self, token: mx.array, cache: list) -> mx.array:
         return self.model(token[None], cache=cache)
 
+    def plain_step(self, tokens: mx.array, cache: list) -> mx.array:
+        return self.model(tokens, cache=cache)
+
+    def mac_graphs(self, ids: mx.array) -> dict[str, dict]:
+        return {"kernels": self.traced_step(ids, mlx_lm_metal_graph(), fast_ops_as_launches())}
+
+
+@contextmanager
+def mlx_lm_metal_graph() -> Iterator[None]:
+    """mlx-lm's decode graph as on a Mac: its gated-delta recurrence as its own Metal kernel (made here as Metal
+    would make it, recorded by the export) instead of the ops loop it falls back to without Metal."""
+    import mlx_lm.models.gated_delta as gdm
+    import mlx_lm.models.qwen3_5 as q35
+
+    names = ("_gated_delta_kernel", "_gated_delta_kernel_masked", "_gated_delta_kernel_vec",
+             "_gated_delta_kernel_vec_masked", "_gated_delta_kernel_xtree", "_gated_delta_kernel_packed")
+    saved = {n: getattr(gdm, n) for n in names}
+    saved_update, available = q35.gated_delta_update, mx.metal.is_available
+    try:
+        mx.metal.is_available = lambda: True
+        gdm._gated_delta_kernel = gdm._make_gated_delta_kernel(has_mask=False, vectorized=False)
+        gdm._gated_delta_kernel_masked = gdm._make_gated_delta_kernel(has_mask=True, vectorized=False)
+        gdm._gated_delta_kernel_vec = gdm._make_gated_delta_kernel(has_mask=False, vectorized=True)
+        gdm._gated_delta_kernel_vec_masked = gdm._make_gated_delta_kernel(has_mask=True, vectorized=True)
+        gdm._gated_delta_kernel_xtree = gdm._make_gated_delta_kernel_xtree()
+        gdm._gated_delta_kernel_packed = gdm._make_gated_delta_packed_kernel()
+
+        def update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **_):
+            g, beta = gdm.compute_g(A_log, a, dt_bias), mx.sigmoid(b)
+            if state is None:
+                state = mx.zeros((q.shape[0], v.shape[-2], v.shape[-1], q.shape[-1]), dtype=mx.float32)
+            return gdm.gated_delta_kernel(q, k, v, g, beta, state, mask)
+
+        q35.gated_delta_update = update
+        yield
+    finally:
+        mx.metal.is_available = available
+        q35.gated_delta_update = saved_update
+        for n, v in saved.items():
+            setattr(gdm, n, v)
+
 
 def measure(runner: Runner, prompts: dict[int, mx.array], decode_tokens: int, progress: Progress) -> dict:
     """Warm up, then prefill each prompt on a fresh cache; decode after the shortest; count one step's graph."""
@@ -361,6 +522,7 @@ def measure(runner: Runner, prompts: dict[int, mx.array], decode_tokens: int, pr
             out["decode_sync_tokens_per_s"] = decode_tokens / runner.decode(token, cache, decode_tokens, False)
             out["dispatches_per_token"] = runner.dispatches(token, cache)
             out["host_us_per_token"] = 1e6 * runner.host_seconds(token, cache, max(4, decode_tokens // 2))
+            out["mac_graph"] = runner.mac_graphs(prompts[length][:, :24])
             progress.step(f"{runner.name}: decode ({decode_tokens / seconds:.2f} tok/s)")
         del cache
         gc.collect()
@@ -417,8 +579,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {OURS: {}, PEER: None}
     peer_logits = None
+    peer_model = mlx_lm_model(model, text) if compare else None
+    if args.bits:
+        quantize(model, args.bits, args.group_size)
+        if peer_model is not None:
+            quantize(peer_model, args.bits, args.group_size)
     if compare:  # first, on the arrays as loaded; then they are relayouted for mlx_qwen36
-        peer = MlxLm(mlx_lm_model(model, text), args.mlx_lm_prefill_step)
+        peer = MlxLm(peer_model, args.mlx_lm_prefill_step)
+        peer_model = None
         peer_logits = first_logits(peer, check_ids)
         results[PEER] = measure(peer, prompts, args.decode_tokens, progress)
         del peer
@@ -442,6 +610,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             "num_experts_per_tok", "moe_intermediate_size", "linear_num_key_heads",
                                             "linear_num_value_heads", "num_attention_heads", "num_key_value_heads")},
         "settings": {"prompt_lengths": lengths, "decode_tokens": args.decode_tokens,
+                     "quantized": {"bits": args.bits, "group_size": args.group_size} if args.bits else None,
                      "relayout_for_cpu_bytes": relayouted, "compiled_decode": not args.no_compile,
                      "prefill_chunk": args.prefill_chunk or "Model.prefill default (512)",
                      "mlx_lm_prefill_step": args.mlx_lm_prefill_step if compare else None},
@@ -452,6 +621,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "decode_sync_tokens_per_s", "ttft_s", "peak_memory_gb"):
         report[key] = {name: (results[name] or {}).get(key) if results[name] else None for name in (OURS, PEER)}
     report["load_average_after"] = {name: (results[name] or {}).get("load_average_after") for name in (OURS, PEER)}
+    report["mac_graph"] = {name: (results[name] or {}).get("mac_graph") for name in (OURS, PEER)}
     report["bandwidth_fraction"] = {
         name: per_token * report["decode_tokens_per_s"][name] / (bandwidth * 1e9)
         if report["decode_tokens_per_s"][name] else None for name in (OURS, PEER)}
@@ -466,7 +636,10 @@ def ratios(report: dict) -> dict[str, Any]:
     def over(key: str) -> float:
         return report[key][OURS] / report[key][PEER]
 
+    mac = report["mac_graph"]
     return {"dispatches_per_token": over("dispatches_per_token"), "decode_tokens_per_s": over("decode_tokens_per_s"),
+            "mac_dispatches": {v: mac[OURS][v]["dispatches"] / mac[PEER]["kernels"]["dispatches"] for v in mac[OURS]},
+            "mac_bytes": {v: mac[OURS][v]["bytes"] / mac[PEER]["kernels"]["bytes"] for v in mac[OURS]},
             "prefill_tokens_per_s": {n: report["prefill_tokens_per_s"][OURS][n] / v
                                      for n, v in report["prefill_tokens_per_s"][PEER].items()}}
 
@@ -509,6 +682,15 @@ def markdown(report: dict) -> str:
     row("host time building one decode step (µs)", "host_us_per_token", "{:.0f}", better_low=True)
     row("peak memory (GB)", "peak_memory_gb", "{:.3g}", better_low=True)
     row("fraction of memory bandwidth while decoding", "bandwidth_fraction", "{:.1%}")
+    mac = report["mac_graph"]
+    for variant, label in (("kernels", "custom kernels on"), ("pure", "custom kernels off")):
+        ours = mac[OURS][variant]
+        theirs = mac[PEER]["kernels"] if peer else None
+        for key, name, scale, fmt in (("dispatches", "launches", 1, "{:.0f}"), ("bytes", "MB moved", 1e6, "{:.2f}")):
+            cells = [fmt.format(ours[key] / scale)]
+            if theirs:
+                cells += [fmt.format(theirs[key] / scale), f"{ours[key] / theirs[key]:.2f}x (lower is better)"]
+            lines.append(f"| Mac graph of one decode step, {label}: {name} | " + " | ".join(cells) + " |")
     lines.append(f"| weight bytes read per decoded token | {report['weight_bytes_per_token'] / 1e6:.1f} MB |"
                  + (" same | |" if peer else ""))
     if "max_abs_logit_diff" in report:
@@ -591,6 +773,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="number of layers (every 4th is full attention)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other text_config field")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--bits", type=int, choices=[4, 8], help="quantize both models (affine; router gates at 8 bits)")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="quantization group size")
     p.add_argument("--prompt-lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--compare", choices=["mlx-lm"], help="also run mlx-lm on the same weights")

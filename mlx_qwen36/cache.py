@@ -78,7 +78,8 @@ class KVCache:
 
 
 class GDNCache:
-    """Gated DeltaNet state: the last K-1 pre-conv rows [B, K-1, conv_dim] and the recurrence [B, Hv, Dk, Dv] fp32."""
+    """Gated DeltaNet state: the last K-1 pre-conv rows [B, K-1, conv_dim] and the recurrence [B, Hv, Dv, Dk] fp32
+    (a state column contiguous, as the kernels read it)."""
 
     def __init__(self) -> None:
         self.conv_state: mx.array | None = None

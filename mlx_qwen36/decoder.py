@@ -41,10 +41,11 @@ class DecoderLayer(nn.Module):
         else:
             h = self.self_attn(h, cache, position_ids)
         h = x + h
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
     def decode(self, x: mx.array, cache: Cache | None = None) -> mx.array:
-        """One token per row at the cache position, x [B, H] -> [B, H] (the mixers' decode forms)."""
+        """One token per row at the cache position, x [B, H] -> [B, H] (the mixers' decode forms; each skip
+        connection is added by the launch that ends its branch)."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer.decode(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = mixer.decode(self.input_layernorm(x), cache, residual=x)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)

@@ -78,8 +78,8 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
             h = model.model.embed_tokens(x["tokens"]) if segment.close is None else x["h"]
             if segment.close is not None:
                 layer = layers[segment.close]
-                h = h + layer.self_attn.decode_out(x["o"], x["gate"])
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = layer.self_attn.decode_out(x["o"], x["gate"], residual=h)
+                h = layer.mlp(layer.post_attention_layernorm(h), residual=h)
             states = iter(x["states"])
             out: dict = {"states": []}
             for i in segment.linear:

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from .cache import GDNCache
 from .config import TextConfig
 from .norms import RMSNormGated
-from .ops import GDNDims, gated_delta_mixer
+from .ops import GDNDims, gated_delta_mixer, projections
 
 
 class GatedDeltaNet(nn.Module):
@@ -44,16 +44,19 @@ class GatedDeltaNet(nn.Module):
 
     def __call__(self, x: mx.array, cache: GDNCache | None = None, mask: mx.array | None = None) -> mx.array:
         """x [B, T, hidden] -> [B, T, hidden]; `mask` [B, T] marks real tokens (False: padding, see the op)."""
-        B, T, _ = x.shape
-        y = self.mix(self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x), cache, mask)
-        return self.out_proj(y)
+        qkv, z, b, a = self.in_projections(x)
+        return self.out_proj(self.mix(qkv, a, b, z, cache, mask))
 
-    def decode(self, x: mx.array, cache: GDNCache | None) -> mx.array:
-        """One token per row, x [B, H] -> [B, H] (the compiled decode step's form)."""
+    def decode(self, x: mx.array, cache: GDNCache | None, residual: mx.array | None = None) -> mx.array:
+        """One token per row, x [B, H] -> [B, H] (plus `residual`, added in out_proj's launch)."""
         B = x.shape[0]
-        y = self.mix(self.in_proj_qkv(x)[:, None], self.in_proj_a(x)[:, None], self.in_proj_b(x)[:, None],
-                     self.in_proj_z(x)[:, None], cache)
-        return self.out_proj(y.reshape(B, self.value_dim))
+        qkv, z, b, a = self.in_projections(x[:, None])
+        y = self.mix(qkv, a, b, z, cache).reshape(B, self.value_dim)
+        return projections(y, [self.out_proj], residual=residual)[0]
+
+    def in_projections(self, x: mx.array) -> list[mx.array]:
+        """qkv, z, b, a of x [B, T, H]: one launch for a few tokens of a quantized model."""
+        return projections(x, [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
 
     def mix(self, qkv: mx.array, a: mx.array, b: mx.array, z: mx.array, cache: GDNCache | None,
             mask: mx.array | None = None) -> mx.array:

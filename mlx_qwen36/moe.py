@@ -14,7 +14,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .ops import SORT_THRESHOLD, cpu_gather_needs_fp32, gather_matmul_fp32, sparse_moe, split_rows, stored_transpose
+from .ops import (
+    SORT_THRESHOLD,
+    cpu_gather_needs_fp32,
+    gather_matmul_fp32,
+    projections,
+    sparse_moe,
+    split_rows,
+    stored_transpose,
+)
 
 
 class MLP(nn.Module):
@@ -26,8 +34,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x [..., H] -> [..., H], plus `residual` (the block's skip connection, added in the same launch)."""
+        gate, up = projections(x, [self.gate_proj, self.up_proj])
+        return projections(swiglu(gate, up), [self.down_proj], residual=residual)[0]
 
 
 @mx.compile
@@ -143,8 +153,10 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x [..., H] -> [..., H], plus `residual` (the block's skip connection, added in the same launch)."""
         shape = x.shape
+        flat = None if residual is None else residual.reshape(-1, shape[-1])
         y = sparse_moe(x.reshape(-1, shape[-1]), self.gate, self.experts, self.shared_expert,
-                       self.shared_expert_gate, self.top_k)
+                       self.shared_expert_gate, self.top_k, residual=flat)
         return y.reshape(shape)

@@ -36,7 +36,7 @@ IM_START = 248045
 MAX_SNAPSHOTS = 16
 MAX_SNAPSHOT_BYTES = 512 << 20  # about 8 GDN snapshots of Qwen3.6-35B-A3B, 3 of Qwen3.6-27B
 SMALL_TENSOR_BYTES = 16 << 10  # parameters hashed whole by the fingerprint: norms, A_log, dt_bias
-FORMAT = "mlx_qwen36.prompt_cache.2"
+FORMAT = "mlx_qwen36.prompt_cache.3"
 
 
 class PromptCacheError(ValueError):

@@ -1,6 +1,7 @@
 // Down projections of every slot and their weighted sum, for a few tokens: one SIMD-group per (token, output row).
 // y[n, h] = sum over slots s of weights[n, s] * down_s[h] . act[n, s]; slots 0..K-1 read the routed experts'
 // down weights [E, H, I], slot K (HAS_SHARED) the shared expert's [H, IS] with weights[n, K] its sigmoid gate.
+// With RESIDUAL, residual[n, h] (the block's skip connection) is added.
 constexpr int SLOTS = K + (HAS_SHARED ? 1 : 0);
 constexpr int IMAX = I > IS ? I : IS;
 uint lane = thread_index_in_simdgroup;
@@ -23,5 +24,5 @@ for (int s = 0; s < SLOTS; s++) {
 }
 acc = simd_sum(acc);
 if (lane == 0) {
-  y[size_t(n) * H + h] = T(acc);
+  y[size_t(n) * H + h] = RESIDUAL ? T(float(residual[size_t(n) * H + h]) + float(T(acc))) : T(acc);
 }

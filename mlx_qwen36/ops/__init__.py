@@ -4,13 +4,14 @@
 |---|---|---|---|
 | `gated_delta_mixer` | conv, norms, gates, delta rule (`gated_delta`) | `gdn_mixer` (all T) | two threads by heads |
 | `sparse_moe` | `router` + gathered expert matmuls | `moe_router`, `moe_gate_up`, `moe_down` | fp32 gathers |
-| `attention` | `mx.fast.scaled_dot_product_attention` | (MLX's own) | grouped decode matmul |
+| `projections` | each layer's matmul | `qmv` (several weights, gate, residual) | the stored layout |
+| `attention`, `rotary_decode` | `mx.fast` SDPA and RoPE | (MLX's own) | grouped matmul, explicit rotation |
 
 Model files call these and nothing below them. Whether a kernel runs is decided in `kernels` (MLX_QWEN36_KERNELS,
 failures, timed choice); the CPU back end's weight layout and second thread are in `cpu`.
 """
 
-from .attention import attention
+from .attention import attention, rotary_decode
 from .cpu import (
                   CPULinear,
                   cpu_gather_needs_fp32,
@@ -21,8 +22,9 @@ from .cpu import (
                   worker_stream,
 )
 from .gated_delta import GDNDims, GDNOutput, gated_delta_mixer
+from .linear import projections
 from .moe import SORT_THRESHOLD, router, sparse_moe
 
 __all__ = ["CPULinear", "GDNDims", "GDNOutput", "SORT_THRESHOLD", "attention", "cpu_gather_needs_fp32",
-           "gated_delta_mixer", "gather_matmul_fp32", "relayout_for_cpu", "router", "sparse_moe", "split_rows",
-           "stored_transpose", "worker_stream"]
+           "gated_delta_mixer", "gather_matmul_fp32", "projections", "relayout_for_cpu", "rotary_decode", "router",
+           "sparse_moe", "split_rows", "stored_transpose", "worker_stream"]

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
+
 __all__ = ["CPULinear", "cpu_gather_needs_fp32", "gather_matmul_fp32", "matmul", "relayout_for_cpu", "split_rows",
            "stored_transpose", "worker_stream"]
 
@@ -54,7 +56,7 @@ class CPULinear(nn.Linear):
 
 def cpu_gather_needs_fp32(dtype: mx.Dtype) -> bool:
     """MLX's CPU `gather_mm` takes only float32: a bf16/fp16 expert stack is computed in fp32 there."""
-    return dtype != mx.float32 and mx.default_device() == mx.cpu
+    return dtype != mx.float32 and mx.default_device() == mx.cpu and not kernels.metal_graph()
 
 
 def gather_matmul_fp32(x: mx.array, weight: mx.array, indices: mx.array, sorted_indices: bool = False,
@@ -87,7 +89,8 @@ def worker_stream() -> mx.Stream | None:
     """A second CPU stream, i.e. a second thread, to run half of the large matmuls on: MLX's CPU back end runs each
     stream on one thread and the BLAS it calls is single-threaded. None off the CPU, on one core, or with
     MLX_QWEN36_CPU_THREADS=1."""
-    if mx.default_device() != mx.cpu or (os.cpu_count() or 1) < 2 or os.environ.get("MLX_QWEN36_CPU_THREADS") == "1":
+    if (mx.default_device() != mx.cpu or (os.cpu_count() or 1) < 2 or os.environ.get("MLX_QWEN36_CPU_THREADS") == "1"
+            or kernels.metal_graph()):
         return None
     if not _worker:
         _worker.append(mx.new_stream(mx.cpu))

@@ -189,7 +189,7 @@ def gated_delta_chunked(
 def metal_kernel_covers(q: mx.array, v: mx.array) -> bool:
     """Whether `mx.fast.gated_delta_update` runs a real kernel here: Metal only, Dk = Dv = 128, and the (Hk, Hv)
     pairs its kernels are built for (Qwen3.6's linear layers are (16, 32)). Elsewhere it is an ops loop."""
-    if mx.default_device() != mx.gpu or not mx.metal.is_available():
+    if not kernels.metal_graph():
         return False
     Hk, Dk = q.shape[-2:]
     Hv, Dv = v.shape[-2:]

@@ -22,7 +22,8 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,7 @@ log = logging.getLogger("mlx_qwen36.kernels")
 
 _failed: dict[str, str] = {}  # kernel name -> why it was turned off
 _choices: dict[str, bool] = {}  # "device|op|key" -> use the kernel
+_recording: list[bool] = []  # inside `recording(kernels_on)`: its flag
 
 
 def mode() -> str:
@@ -55,13 +57,34 @@ def on_metal() -> bool:
 
 
 def backend() -> str | None:
-    """Where custom kernels run now: `metal`, `emulator` (forced on, no Metal), or None (the references)."""
+    """Where custom kernels run now: `metal`, `emulator` (forced on, no Metal), `record` (see `recording`), or None
+    (the references)."""
+    if _recording:
+        return "record" if _recording[-1] else None
     m = mode()
     if m == "off":
         return None
     if on_metal():
         return "metal"
     return "emulator" if m == "on" else None
+
+
+@contextmanager
+def recording(kernels_on: bool = True) -> Iterator[None]:
+    """Build the graph a Mac would run, to count it (`mlx_qwen36.graph`), on any machine: every kernel as the real
+    `mx.fast.metal_kernel` call, not run nor probed (inside `mx.export_function` even a machine without Metal records
+    each launch as one `CustomKernel` node), or with `kernels_on=False` the references; and the ops' Metal forms
+    instead of the CPU's (`metal_graph`)."""
+    _recording.append(kernels_on)
+    try:
+        yield
+    finally:
+        _recording.pop()
+
+
+def metal_graph() -> bool:
+    """Whether the ops build their Metal forms: on a Metal GPU, and while `recording` a Mac's graph elsewhere."""
+    return bool(_recording) or on_metal()
 
 
 def emulated() -> bool:
@@ -89,7 +112,7 @@ class Kernel:
                 "source": source(f"{self.name}.metal"), "header": source("common.h")}
 
     def _callable(self) -> Any:
-        where = backend() or "metal"
+        where = "metal" if backend() in (None, "record") else backend()
         if where not in self._made:
             if where == "emulator":
                 from ..metal.emulator import EmuKernel
@@ -144,6 +167,8 @@ def dispatch(kernel: str, key: tuple, run_kernel: Callable[..., Any], run_refere
     where = backend()
     if where is None or kernel in _failed:
         return run_reference(*args)
+    if where == "record":
+        return run_kernel(*args)
     if where == "emulator":
         try:
             return run_kernel(*args)

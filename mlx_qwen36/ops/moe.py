@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels
+from .linear import projections
 
 # Below this many (token, expert) pairs, sorting tokens by expert costs more than it saves; the fused kernels read
 # each pair's expert rows on their own, so they serve the same small cases.
@@ -56,19 +57,25 @@ class FusedSpec:
 
 
 def sparse_moe(x: mx.array, gate: nn.Module, experts: nn.Module, shared_expert: nn.Module,
-               shared_expert_gate: nn.Module, top_k: int) -> mx.array:
-    """y = Σ_k w_k·expert_k(x) + sigmoid(shared_expert_gate(x))·shared_expert(x), x [N, H] -> [N, H]."""
-    logits, shared_logit = gate(x), shared_expert_gate(x)
+               shared_expert_gate: nn.Module, top_k: int, residual: mx.array | None = None) -> mx.array:
+    """y = Σ_k w_k·expert_k(x) + sigmoid(shared_expert_gate(x))·shared_expert(x) (+ residual), x [N, H] -> [N, H].
+
+    The router's two gates are one `projections` launch for a few tokens."""
+    logits, shared_logit = projections(x, [gate, shared_expert_gate])
     spec = fused_spec(x, experts, shared_expert, top_k)
     if spec is None:
-        return _reference(x, logits, shared_logit, experts, shared_expert, top_k)
-    arrays = (x, logits, shared_logit, *_quantized(experts.gate_up_proj), *_quantized(experts.down_proj))
+        y = _reference(x, logits, shared_logit, experts, shared_expert, top_k)
+        return y if residual is None else residual + y
+    if not spec.shared_intermediate and residual is not None:  # the shared expert's sum then carries the residual
+        residual = residual + mx.sigmoid(shared_logit) * shared_expert(x)
+        shared_expert = None
+    arrays = (x, logits, shared_logit, residual, *_quantized(experts.gate_up_proj), *_quantized(experts.down_proj))
     if spec.shared_intermediate:
         arrays += (*_quantized(shared_expert.gate_proj), *_quantized(shared_expert.up_proj),
                    *_quantized(shared_expert.down_proj))
-    key = ("moe", str(x.dtype), str(arrays[4].dtype), x.shape[0], spec)
+    key = ("moe", str(x.dtype), str(arrays[5].dtype), x.shape[0], spec, residual is not None)
     y = kernels.dispatch("moe", key, partial(_fused, spec), partial(_fused_reference, spec), arrays)
-    if not spec.shared_intermediate:
+    if not spec.shared_intermediate and shared_expert is not None:
         y = y + mx.sigmoid(shared_logit) * shared_expert(x)
     return y
 
@@ -115,15 +122,17 @@ GATE_UP = kernels.Kernel(
     ["act"],
 )
 DOWN = kernels.Kernel(
-    "moe_down", ["act", "inds", "weights", "w", "scales", "biases", "shared_w", "shared_scales", "shared_biases"],
+    "moe_down",
+    ["act", "inds", "weights", "residual", "w", "scales", "biases", "shared_w", "shared_scales", "shared_biases"],
     ["y"],
 )
 _NONE = mx.zeros((1,), dtype=mx.uint32)  # stands for the shared expert's weights when it is not in the kernels
 ROWS_PER_THREADGROUP = 4  # SIMD-groups per threadgroup in the matvec kernels
 
 
-def _fused(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.array, gu_w: mx.array, gu_s: mx.array,
-           gu_b: mx.array, d_w: mx.array, d_s: mx.array, d_b: mx.array, *shared: mx.array) -> mx.array:
+def _fused(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.array, residual: mx.array | None,
+           gu_w: mx.array, gu_s: mx.array, gu_b: mx.array, d_w: mx.array, d_s: mx.array, d_b: mx.array,
+           *shared: mx.array) -> mx.array:
     N, H = x.shape
     E = logits.shape[-1]
     K, inter, IS = spec.top_k, spec.intermediate, spec.shared_intermediate
@@ -145,17 +154,17 @@ def _fused(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.arra
     )
     sd = shared[6:] if has_shared else (_NONE,) * 3
     (y,) = DOWN(
-        inputs=[act, inds, weights, d_w, d_s, d_b, *sd], output_shapes=[(N, H)], output_dtypes=[x.dtype],
-        grid=(32, H, N), threadgroup=(32, ROWS_PER_THREADGROUP, 1),
+        inputs=[act, inds, weights, _NONE if residual is None else residual, d_w, d_s, d_b, *sd],
+        output_shapes=[(N, H)], output_dtypes=[x.dtype], grid=(32, H, N), threadgroup=(32, ROWS_PER_THREADGROUP, 1),
         template=[("T", x.dtype), ("ST", d_s.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
-                  ("HAS_SHARED", has_shared)],
+                  ("HAS_SHARED", has_shared), ("RESIDUAL", residual is not None)],
     )
     return y
 
 
-def _fused_reference(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.array, gu_w: mx.array,
-                     gu_s: mx.array, gu_b: mx.array, d_w: mx.array, d_s: mx.array, d_b: mx.array,
-                     *shared: mx.array) -> mx.array:
+def _fused_reference(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.array,
+                     residual: mx.array | None, gu_w: mx.array, gu_s: mx.array, gu_b: mx.array, d_w: mx.array,
+                     d_s: mx.array, d_b: mx.array, *shared: mx.array) -> mx.array:
     """What the three kernels compute, in MLX ops on the same arrays (the routed experts' gathered matmuls, the
     shared expert's when it is in the kernels)."""
     N, _ = x.shape
@@ -165,8 +174,8 @@ def _fused_reference(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logi
     gate, up = mx.split(h, 2, axis=-1)
     y = mx.gather_qmm(nn.silu(gate) * up, d_w, d_s, d_b, rhs_indices=inds, **q)  # [N, k, 1, H]
     y = (weights[:, None, :] @ y.reshape(N, spec.top_k, -1)).reshape(N, -1)
-    if not spec.shared_intermediate:
-        return y
-    sgw, sgs, sgb, suw, sus, sub, sdw, sds, sdb = shared
-    a = nn.silu(mx.quantized_matmul(x, sgw, sgs, sgb, **q)) * mx.quantized_matmul(x, suw, sus, sub, **q)
-    return y + mx.sigmoid(shared_logit) * mx.quantized_matmul(a, sdw, sds, sdb, **q)
+    if spec.shared_intermediate:
+        sgw, sgs, sgb, suw, sus, sub, sdw, sds, sdb = shared
+        a = nn.silu(mx.quantized_matmul(x, sgw, sgs, sgb, **q)) * mx.quantized_matmul(x, suw, sus, sub, **q)
+        y = y + mx.sigmoid(shared_logit) * mx.quantized_matmul(a, sdw, sds, sdb, **q)
+    return y if residual is None else residual + y
