@@ -357,8 +357,9 @@ _NUMPY_NAMES = {"bfloat16": "float16", "bool": "bool_"}
 
 @contextmanager
 def fast_ops_as_launches() -> Iterator[None]:
-    """`mx.fast`'s fused ops recorded as one launch each, as on Metal: without Metal, MLX records their fallback
-    ops instead. Each becomes a `CustomKernel` node with the op's inputs and outputs (not run; see `graph`)."""
+    """`mx.fast`'s fused ops (and `mx.dequantize`) recorded as one launch each, as on Metal: without Metal, MLX
+    records their fallback ops instead. Each becomes a `CustomKernel` node with the op's inputs and outputs (not
+    run; see `graph`)."""
     made: dict[str, Any] = {}
 
     def launch(name: str, inputs: list, shapes: list, dtypes: list) -> list[mx.array]:
@@ -386,16 +387,21 @@ def fast_ops_as_launches() -> Iterator[None]:
         return launch("gated_delta_update", arrays(q, k, v, gamma, beta, initial_state, mask),
                       [v.shape, (B, Hv, Dv, q.shape[-1])], [v.dtype, mx.float32])
 
-    replaced = {"rms_norm": rms_norm, "rope": rope, "scaled_dot_product_attention": sdpa,
-                "gated_delta_update": gated_delta_update}
-    saved = {name: getattr(mx.fast, name) for name in replaced}
+    def dequantize(w, scales=None, biases=None, group_size=64, bits=4, mode="affine", dtype=None, **_):
+        return launch("dequantize", arrays(w, scales, biases), [(*w.shape[:-1], w.shape[-1] * 32 // bits)],
+                      [dtype or scales.dtype])[0]
+
+    replaced = {(mx.fast, "rms_norm"): rms_norm, (mx.fast, "rope"): rope,
+                (mx.fast, "scaled_dot_product_attention"): sdpa, (mx.fast, "gated_delta_update"): gated_delta_update,
+                (mx, "dequantize"): dequantize}
+    saved = {key: getattr(*key) for key in replaced}
     try:
-        for name, fn in replaced.items():
-            setattr(mx.fast, name, fn)
+        for (module, name), fn in replaced.items():
+            setattr(module, name, fn)
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(mx.fast, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
 
 
 class Ours(Runner):
