@@ -13,8 +13,8 @@ import mlx_qwen36.ops.gated_delta as gd
 from mlx_qwen36 import load_model
 from mlx_qwen36.cache import GDNCache, KVCache, restore, snapshot
 from mlx_qwen36.fast import make_decode_step
-from mlx_qwen36.ops import CPULinear, relayout_for_cpu, router, stored_transpose
 from mlx_qwen36.gated_delta import GatedDeltaNet
+from mlx_qwen36.ops import CPULinear, relayout_for_cpu, router, stored_transpose
 from mlx_qwen36.positions import text_position_ids
 
 TOL = 1e-4

@@ -14,11 +14,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 from mlx_qwen36 import load_model
 from mlx_qwen36.ops import GDNDims, gated_delta_mixer, kernels, router, sparse_moe
 from mlx_qwen36.ops import gated_delta as gd
 from mlx_qwen36.ops import moe as moe_ops
+from mlx_qwen36.ops.linear import MAX_ROWS, QMV, projections
 
 TOL = {mx.float32: 2e-5, mx.bfloat16: 3e-2, mx.float16: 4e-3}
 
@@ -133,6 +135,59 @@ def test_gdn_shapes_the_kernel_does_not_cover_take_the_reference(launches):
     assert launches == []
 
 
+# --- projections (qmv) ---------------------------------------------------------------------------------------------
+
+
+def quantized_layers(dtype, outs, H=128, bits=4, group=64, seed=0):
+    mx.random.seed(seed)
+    layers = [nn.Linear(H, o, bias=False) for o in outs]
+    for layer in layers:
+        layer.set_dtype(dtype)
+    layers = [layer.to_quantized(group_size=group, bits=bits) for layer in layers]
+    mx.eval([layer.parameters() for layer in layers])
+    return layers
+
+
+def check_projections(layers, rows, dtype, gate=False, residual=False, seed=1):
+    mx.random.seed(seed)
+    H = layers[0].scales.shape[1] * layers[0].group_size
+    x = mx.random.normal((rows, H)).astype(dtype)
+    g = mx.random.normal((rows, H)).astype(dtype) if gate else None
+    r = mx.random.normal((rows, layers[0].scales.shape[0])).astype(dtype) if residual else None
+    want = off(projections, x, layers, gate=g, residual=r)
+    got = projections(x, layers, gate=g, residual=r)
+    mx.eval(got)
+    assert [a.shape for a in got] == [a.shape for a in want]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert err(a, b) <= 2 * TOL[dtype] * scale(b), (err(a, b), scale(b))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_qmv_equals_reference_for_every_quantization(launches, bits, group):
+    check_projections(quantized_layers(mx.bfloat16, [24, 8, 4, 4], bits=bits, group=group), 3, mx.bfloat16)
+    assert launches == ["qmv"]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_qmv_output_gate_and_residual(launches, dtype):
+    """Attention's o_proj: x * sigmoid(gate) in, the skip connection added to the output."""
+    check_projections(quantized_layers(dtype, [40]), 2, dtype, gate=True, residual=True)
+    check_projections(quantized_layers(dtype, [40, 8]), 1, dtype, gate=True)
+    assert launches == ["qmv", "qmv"]
+
+
+def test_qmv_covers_few_rows_of_one_quantization_only(launches):
+    """Many rows (prefill), mixed quantizations, unquantized layers: each layer's own matmul."""
+    check_projections(quantized_layers(mx.float32, [16, 8]), MAX_ROWS + 1, mx.float32)
+    mixed = quantized_layers(mx.float32, [16], bits=4) + quantized_layers(mx.float32, [8], bits=8)
+    check_projections(mixed, 2, mx.float32)
+    assert launches == []
+    with pytest.raises(ValueError, match="one projection"):
+        projections(mx.zeros((1, 128)), quantized_layers(mx.float32, [8, 8]), residual=mx.zeros((1, 8)))
+
+
 # --- the MoE block ------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +198,7 @@ class Block(nn.Module):
         super().__init__()
         from mlx_qwen36.moe import MLP, SwitchGLU
 
-        self.top_k = k
+        self.top_k, self.hidden = k, H
         self.gate = nn.Linear(H, E, bias=False)
         self.experts = SwitchGLU(H, inter, E)
         self.shared_expert = MLP(H, shared)
@@ -166,7 +221,7 @@ def moe_block(dtype, bits=4, group=32, H=128, inter=64, shared=64, E=8, k=2, sha
 
 def check_moe(block, N, dtype, seed=1):
     mx.random.seed(seed)
-    x = mx.random.normal((N, block.gate.weight.shape[1])).astype(dtype)
+    x = mx.random.normal((N, block.hidden)).astype(dtype)
     want = off(block, x)
     got = block(x)
     mx.eval(got)
@@ -177,8 +232,9 @@ def check_moe(block, N, dtype, seed=1):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_moe_kernels_equal_reference_for_every_quantization(launches, bits, group):
-    check_moe(moe_block(mx.bfloat16, bits, group), 2, mx.bfloat16)
-    assert launches == ["moe_router", "moe_gate_up", "moe_down"]
+    width = max(64, group)  # the down projection's input is quantized in groups too
+    check_moe(moe_block(mx.bfloat16, bits, group, inter=width, shared=width), 2, mx.bfloat16)
+    assert launches == ["qmv", "moe_router", "moe_gate_up", "moe_down"]
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
@@ -197,7 +253,7 @@ def test_moe_shared_expert_of_other_bits_runs_beside_the_kernels(launches):
     assert moe_ops.fused_spec(mx.zeros((1, 128), mx.bfloat16), block.experts, block.shared_expert, 2) \
         .shared_intermediate == 0
     check_moe(block, 2, mx.bfloat16)
-    assert launches == ["moe_router", "moe_gate_up", "moe_down"]
+    assert launches == ["qmv", "moe_router", "moe_gate_up", "moe_down", "qmv", "qmv"]  # then gate/up, down
 
 
 def test_moe_shared_expert_of_another_width(launches):
@@ -209,7 +265,7 @@ def test_moe_many_tokens_and_unquantized_experts_take_the_reference(launches):
     block = Block(64, 32, 32, 8, 2)
     mx.eval(block.parameters())
     check_moe(block, 2, mx.float32)
-    assert launches == []
+    assert "moe_router" not in launches and "moe_gate_up" not in launches and "moe_down" not in launches
 
 
 @pytest.mark.parametrize("E, k", [(8, 1), (40, 8), (256, 8)])
@@ -223,10 +279,15 @@ def test_router_kernel_picks_the_top_k(launches, E, k, dtype):
         grid=(32, 3, 1), threadgroup=(32, 1, 1), template=[("T", dtype), ("E", E), ("K", k), ("HAS_SHARED", True)])
     want_inds, want_w = router(logits, k)
     got, want = np.array(inds), np.array(want_inds)
-    assert all(set(a) == set(b) for a, b in zip(got, want))
-    order = np.argsort(want, axis=-1)
-    back = np.take_along_axis(np.array(want_w.astype(mx.float32)), order, -1)
-    mine = np.take_along_axis(np.array(weights[:, :k].astype(mx.float32)), np.argsort(got, axis=-1), -1)
+    values = np.array(logits.astype(mx.float32))
+    # k distinct experts whose logits are the k largest (bf16 logits tie: either of two equal ones is right)
+    assert all(len(set(row)) == k for row in got)
+    assert np.array_equal(np.sort(np.take_along_axis(values, got.astype(np.int64), -1)),
+                          np.sort(np.take_along_axis(values, want, -1)))
+    by_logit = np.take_along_axis(values, got.astype(np.int64), -1)
+    mine = np.take_along_axis(np.array(weights[:, :k].astype(mx.float32)), np.argsort(by_logit, axis=-1), -1)
+    back = np.take_along_axis(np.array(want_w.astype(mx.float32)),
+                              np.argsort(np.take_along_axis(values, want, -1), axis=-1), -1)
     assert np.abs(mine - back).max() <= TOL[dtype]
     assert np.abs(np.array(weights[:, k].astype(mx.float32)) - np.array(mx.sigmoid(shared[:, 0]).astype(mx.float32))
                   ).max() <= TOL[dtype]
@@ -249,26 +310,51 @@ def kernel_model_dir(tmp_path_factory):
     return {"fp32": hf, "q4": root / "q4"}
 
 
+def model_outputs(model):
+    """Logits of a prompt and two decode steps, and the caches after them."""
+    ids = mx.array([[3, 17, 101, 250, 9, 44, 7]])
+    cache = model.make_cache()
+    out = [model(ids, cache)]
+    for t in (5, 77):
+        out.append(model(mx.array([[t]]), cache))
+    mx.eval(out, [c.state for c in cache])
+    return out, [a for c in cache for a in c.state]
+
+
+def as_fp32(model):
+    """The model with fp32 activations: every bf16 parameter (norms, embeddings, quantization scales) upcast."""
+    model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p, model.parameters()))
+    return model
+
+
 @pytest.mark.parametrize("which", ["fp32", "q4"])
 def test_model_agrees_with_kernels_on_and_off(launches, kernel_model_dir, which):
-    model = load_model(kernel_model_dir[which])
-    ids = mx.array([[3, 17, 101, 250, 9, 44, 7]])
-
-    def run():
-        cache = model.make_cache()
-        out = [model(ids, cache)]
-        for t in (5, 77):
-            out.append(model(mx.array([[t]]), cache))
-        mx.eval(out, [c.state for c in cache])
-        return out, [a for c in cache for a in c.state]
-
-    (want, want_cache) = off(run)
-    got, got_cache = run()
+    """In fp32 activations (the 4-bit checkpoint's quantized weights as they are) the two paths agree to rounding."""
+    model = as_fp32(load_model(kernel_model_dir[which]))
+    want, want_cache = off(model_outputs, model)
+    got, got_cache = model_outputs(model)
     for g, w in zip(got + got_cache, want + want_cache):
         assert err(g, w) <= 1e-4 * scale(w)
     assert "gdn_mixer" in launches
     if which == "q4":
-        assert {"moe_router", "moe_gate_up", "moe_down"} <= set(launches)
+        assert {"qmv", "moe_router", "moe_gate_up", "moe_down"} <= set(launches)
+
+
+def test_bf16_model_with_kernels_is_no_further_from_fp32_than_the_reference(launches, kernel_model_dir):
+    """The 4-bit checkpoint as converted (bf16 activations). A random tiny model amplifies rounding, so the two bf16
+    paths differ by far more than bf16's epsilon; the kernels, accumulating in fp32, must land at least as close to
+    the fp32-activation result as the bf16 reference does."""
+    truth, _ = off(model_outputs, as_fp32(load_model(kernel_model_dir["q4"])))
+    model = load_model(kernel_model_dir["q4"])
+    reference, _ = off(model_outputs, model)
+    kernel, _ = model_outputs(model)
+
+    def rel(a, b):
+        return float(mx.sqrt(mx.mean((a.astype(mx.float32) - b) ** 2)) / mx.sqrt(mx.mean(b ** 2)))
+
+    for k, r, t in zip(kernel, reference, truth):
+        assert k.dtype == mx.bfloat16
+        assert rel(k, t) <= 1.25 * rel(r, t) + 1e-2, (rel(k, t), rel(r, t))
 
 
 # --- switching kernels off, failures, timed choice ---------------------------------------------------------------
@@ -385,7 +471,7 @@ def test_emulated_source_is_the_text_mlx_generates(launches, monkeypatch):
     calls = recorded_calls(monkeypatch)
     check_gdn(*gdn_case(2, 3, mx.bfloat16, masked=True), step_states=True)
     check_moe(moe_block(mx.bfloat16, 4, 64), 2, mx.bfloat16)
-    assert {k.name for k, _ in calls} == {"gdn_mixer", "moe_router", "moe_gate_up", "moe_down"}
+    assert {k.name for k, _ in calls} == {"gdn_mixer", "qmv", "moe_router", "moe_gate_up", "moe_down"}
     for kernel, call in calls:
         spec = kernel.spec()
         mine = metal_source(spec["name"], spec["input_names"], spec["output_names"], spec["source"], spec["header"],
@@ -399,15 +485,20 @@ def test_emulated_source_is_the_text_mlx_generates(launches, monkeypatch):
                                                                      "    float av"),
     ("moe_gate_up", "size_t rg = e * 2 * I + r, ru = e * 2 * I + I + r;", "size_t rg = e * 2 * I + r, ru = rg;"),
     ("moe_down", "int group = first / GS;", "int group = first / GS + (GS == 32);"),  # in common.h: both matvecs
+    ("qmv", "row -= R0; w = w1;", "row -= R0 - 1; w = w1;"),
+    ("qmv", "float(residual[size_t(n) * R + r])", "float(residual[size_t(n) * R + (r + 1) % R])"),
 ])
 def test_a_broken_index_fails_the_comparison(launches, monkeypatch, kernel, needle, broken):
     real = kernels.source.__wrapped__
     target = next(f for f in (f"{kernel}.metal", "common.h") if needle in real(f))  # the mutation still applies
     monkeypatch.setattr(kernels, "source", lambda f: real(f).replace(needle, broken) if f == target else real(f))
-    for k in (gd.GDN_KERNEL, moe_ops.ROUTER, moe_ops.GATE_UP, moe_ops.DOWN):
+    for k in (gd.GDN_KERNEL, moe_ops.ROUTER, moe_ops.GATE_UP, moe_ops.DOWN, QMV):
         monkeypatch.setattr(k, "_made", {})
     with pytest.raises(AssertionError):
         if kernel == "gdn_mixer":
             check_gdn(*gdn_case(1, 3, mx.float32))
+        elif kernel == "qmv":
+            check_projections(quantized_layers(mx.float32, [16, 8]), 2, mx.float32, residual=False)
+            check_projections(quantized_layers(mx.float32, [16]), 2, mx.float32, residual=True)
         else:
             check_moe(moe_block(mx.float32, 4, 32), 2, mx.float32)

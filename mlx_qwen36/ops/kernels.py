@@ -87,6 +87,13 @@ def metal_graph() -> bool:
     return bool(_recording) or on_metal()
 
 
+@cache
+def absent(dtype: mx.Dtype) -> mx.array:
+    """The one-element stand-in passed for an input a kernel instantiation does not read: it must still have the
+    dtype the kernel declares for that buffer, or the kernel does not compile."""
+    return mx.zeros((1,), dtype=dtype)
+
+
 def emulated() -> bool:
     """Whether kernels run in the CPU emulator, which evaluates its inputs eagerly (so it cannot be traced)."""
     return backend() == "emulator"

@@ -21,7 +21,6 @@ MAX_ROWS = 8  # rows of x the matvec kernel serves (decode and speculative verif
 MAX_LAYERS = 4
 QMV = kernels.Kernel(
     "qmv", ["x", "gate", "residual", "w0", "s0", "b0", "w1", "s1", "b1", "w2", "s2", "b2", "w3", "s3", "b3"], ["y"])
-_NONE = mx.zeros((1,), dtype=mx.uint32)
 
 
 def projections(x: mx.array, layers: list[nn.Module], gate: mx.array | None = None,
@@ -92,10 +91,12 @@ def _kernel(bits: int, group: int, x: mx.array, gate: mx.array | None, residual:
     rows = x.size // H
     outs = [weights[i + 1].shape[0] for i in range(0, len(weights), 3)]
     total = sum(outs)
-    padded = list(weights) + [_NONE] * (3 * MAX_LAYERS - len(weights))
+    none = (kernels.absent(mx.uint32), kernels.absent(weights[1].dtype), kernels.absent(weights[1].dtype))
+    padded = list(weights) + list(none) * (MAX_LAYERS - len(weights) // 3)
     sizes = outs + [0] * (MAX_LAYERS - len(outs))
     (y,) = QMV(
-        inputs=[x, _NONE if gate is None else gate, _NONE if residual is None else residual, *padded],
+        inputs=[x, kernels.absent(x.dtype) if gate is None else gate,
+                kernels.absent(x.dtype) if residual is None else residual, *padded],
         output_shapes=[(*x.shape[:-1], total)], output_dtypes=[x.dtype],
         grid=(32, total, rows), threadgroup=(32, 4, 1),
         template=[("T", x.dtype), ("ST", weights[1].dtype), ("H", H), ("BITS", bits), ("GS", group),

@@ -126,7 +126,6 @@ DOWN = kernels.Kernel(
     ["act", "inds", "weights", "residual", "w", "scales", "biases", "shared_w", "shared_scales", "shared_biases"],
     ["y"],
 )
-_NONE = mx.zeros((1,), dtype=mx.uint32)  # stands for the shared expert's weights when it is not in the kernels
 ROWS_PER_THREADGROUP = 4  # SIMD-groups per threadgroup in the matvec kernels
 
 
@@ -144,7 +143,8 @@ def _fused(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.arra
         grid=(32, N, 1), threadgroup=(32, 1, 1),
         template=[("T", logits.dtype), ("E", E), ("K", K), ("HAS_SHARED", has_shared)],
     )
-    sg = shared[:6] if has_shared else (_NONE,) * 6
+    none = (kernels.absent(mx.uint32), kernels.absent(gu_s.dtype), kernels.absent(gu_s.dtype))
+    sg = shared[:6] if has_shared else none * 2
     imax = max(inter, IS)
     (act,) = GATE_UP(
         inputs=[x, inds, gu_w, gu_s, gu_b, *sg], output_shapes=[(N, slots, imax)], output_dtypes=[x.dtype],
@@ -152,9 +152,9 @@ def _fused(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.arra
         template=[("T", x.dtype), ("ST", gu_s.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
                   ("HAS_SHARED", has_shared)],
     )
-    sd = shared[6:] if has_shared else (_NONE,) * 3
+    sd = shared[6:] if has_shared else none
     (y,) = DOWN(
-        inputs=[act, inds, weights, _NONE if residual is None else residual, d_w, d_s, d_b, *sd],
+        inputs=[act, inds, weights, kernels.absent(x.dtype) if residual is None else residual, d_w, d_s, d_b, *sd],
         output_shapes=[(N, H)], output_dtypes=[x.dtype], grid=(32, H, N), threadgroup=(32, ROWS_PER_THREADGROUP, 1),
         template=[("T", x.dtype), ("ST", d_s.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
                   ("HAS_SHARED", has_shared), ("RESIDUAL", residual is not None)],
