@@ -6,6 +6,7 @@ machine's measured memory bandwidth that makes.
     python -m mlx_qwen36.bench --synthetic one-block --experts 64 --compare mlx-lm --json results.json
     python -m mlx_qwen36.bench --model path/to/checkpoint --prompt-lengths 128,512
     python -m mlx_qwen36.bench --synthetic tiny --compare mlx-lm --json -   # CI smoke test
+    python -m mlx_qwen36.bench --check-kernels   # every Metal kernel against its reference, with timings
 
 A synthetic model has random weights at real layer sizes (`one-block`: hidden 2048, 3 GDN + 1 attention layers, 256
 experts top-8, I=512, vocab 248,320; `tiny`: a few kilobytes); any size can be changed with flags. Weights are
@@ -53,7 +54,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import graph, synthetic
+from . import graph, kernel_check, synthetic
 from .config import ModelConfig
 from .convert.hf import keeps_fp32
 from .fast import make_decode_step
@@ -791,6 +792,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
     p.add_argument("--markdown", metavar="PATH", help="also write the markdown table to a file")
     p.add_argument("--plot", metavar="PNG", help="plot prefill tokens/s against prompt length")
+    p.add_argument("--check-kernels", action="store_true",
+                   help="only check every custom kernel against its reference (real sizes on a Mac, small ones in "
+                        "the emulator elsewhere); bf16, --bits (default 4) and --group-size; fails if any differs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -798,8 +802,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report = run(args)
-    table = markdown(report)
+    if args.check_kernels:
+        report = kernel_check.check_all(bits=args.bits or 4, group=args.group_size)
+        table = kernel_check.markdown(report)
+    else:
+        report = run(args)
+        table = markdown(report)
     if args.json != "-":
         print(table)
     if args.markdown:
@@ -812,6 +820,8 @@ def main(argv: list[str] | None = None) -> None:
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
+    if args.check_kernels and not report["ok"]:
+        sys.exit("a kernel differs from its reference (or fell back): see the table")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ log = logging.getLogger("mlx_qwen36.kernels")
 _failed: dict[str, str] = {}  # kernel name -> why it was turned off
 _choices: dict[str, bool] = {}  # "device|op|key" -> use the kernel
 _recording: list[bool] = []  # inside `recording(kernels_on)`: its flag
+_forced: list[str] = []  # inside `forced(mode)`: that mode
 
 
 def mode() -> str:
     """`off`, `on` or `auto`, from MLX_QWEN36_KERNELS (read on every call, so tests and users can switch it)."""
+    if _forced:
+        return _forced[-1]
     value = os.environ.get(MODE_ENV, "auto").strip().lower()
     if value in ("0", "off", "false"):
         return "off"
@@ -82,6 +85,18 @@ def recording(kernels_on: bool = True) -> Iterator[None]:
         _recording.pop()
 
 
+@contextmanager
+def forced(kernels_mode: str) -> Iterator[None]:
+    """Run with kernels `on` or `off` whatever MLX_QWEN36_KERNELS says (the kernel check compares the two)."""
+    if kernels_mode not in ("on", "off"):
+        raise ValueError(f"kernels mode {kernels_mode!r}: expected 'on' or 'off'")
+    _forced.append(kernels_mode)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def metal_graph() -> bool:
     """Whether the ops build their Metal forms: on a Metal GPU, and while `recording` a Mac's graph elsewhere."""
     return bool(_recording) or on_metal()
@@ -90,8 +105,11 @@ def metal_graph() -> bool:
 @cache
 def absent(dtype: mx.Dtype) -> mx.array:
     """The one-element stand-in passed for an input a kernel instantiation does not read: it must still have the
-    dtype the kernel declares for that buffer, or the kernel does not compile."""
-    return mx.zeros((1,), dtype=dtype)
+    dtype the kernel declares for that buffer, or the kernel does not compile. Evaluated once, so no graph that
+    uses it (a traced or compiled step) recomputes it."""
+    a = mx.zeros((1,), dtype=dtype)
+    mx.eval(a)
+    return a
 
 
 def emulated() -> bool:
