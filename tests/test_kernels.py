@@ -8,6 +8,7 @@ Metal text against MLX's own, and a mutation check: a kernel with one index brok
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import mlx.core as mx
@@ -470,13 +471,31 @@ def test_emulated_source_is_the_text_mlx_generates(launches, monkeypatch):
 
     calls = recorded_calls(monkeypatch)
     check_gdn(*gdn_case(2, 3, mx.bfloat16, masked=True), step_states=True)
+    check_gdn(*gdn_case(1, 1, mx.float32))  # no mask: its stand-in
     check_moe(moe_block(mx.bfloat16, 4, 64), 2, mx.bfloat16)
+    check_moe(moe_block(mx.float32, 4, 64, shared_bits=8), 1, mx.float32)  # the shared expert's stand-ins
+    check_projections(quantized_layers(mx.float32, [8]), 1, mx.float32, gate=True, residual=True)
     assert {k.name for k, _ in calls} == {"gdn_mixer", "qmv", "moe_router", "moe_gate_up", "moe_down"}
     for kernel, call in calls:
         spec = kernel.spec()
         mine = metal_source(spec["name"], spec["input_names"], spec["output_names"], spec["source"], spec["header"],
                             call["inputs"], call["output_dtypes"], call["template"])
         assert mine == mlx_generated_source(spec, call), kernel.name
+        assert_constant_inputs_only_indexed(kernel.name, mine)
+
+
+def assert_constant_inputs_only_indexed(name: str, text: str) -> None:
+    """Metal keeps address spaces apart: an input MLX passes as `const constant T*` (fewer than 8 elements) cannot
+    initialise or be assigned to a variable declared `device`, which the emulator (its address spaces are empty
+    macros) would not notice; so it is checked on the text. Pointers are bound with `auto` or passed to the
+    header's templates, which take any address space."""
+    constant = re.findall(r"const constant \w+\* (\w+) \[\[buffer", text)
+    body = re.sub(r"//[^\n]*", "", text[text.index("{"):])
+    declared = re.findall(r"device[^;=(){}]*\*\s*(\w+)\s*;", body)  # `const device T* p;`, assigned later
+    for param in constant:
+        initialised = re.search(rf"device[^;=(){{}}]*\*\s*\w+\s*=[^;]*\b{param}\b", body)
+        assigned = [d for d in declared if re.search(rf"\b{d}\s*=[^;]*\b{param}\b", body)]
+        assert initialised is None and not assigned, f"{name}: constant-space input {param!r} bound to a device pointer"
 
 
 @pytest.mark.parametrize("kernel, needle, broken", [
@@ -485,7 +504,7 @@ def test_emulated_source_is_the_text_mlx_generates(launches, monkeypatch):
                                                                      "    float av"),
     ("moe_gate_up", "size_t rg = e * 2 * I + r, ru = e * 2 * I + I + r;", "size_t rg = e * 2 * I + r, ru = rg;"),
     ("moe_down", "int group = first / GS;", "int group = first / GS + (GS == 32);"),  # in common.h: both matvecs
-    ("qmv", "row -= R0; w = w1;", "row -= R0 - 1; w = w1;"),
+    ("qmv", "size_t o = r - R0;\n", "size_t o = r - R0 + 1;\n"),
     ("qmv", "float(residual[size_t(n) * R + r])", "float(residual[size_t(n) * R + (r + 1) % R])"),
 ])
 def test_a_broken_index_fails_the_comparison(launches, monkeypatch, kernel, needle, broken):

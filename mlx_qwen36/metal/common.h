@@ -14,11 +14,13 @@ inline float sigmoid_f(float x) {
   return 1.0f / (1.0f + metal::exp(-x));
 }
 
-// One lane's share of x . dequant(row) for an affine-quantized row of n inputs (uint32 words holding 32/BITS
+// One lane's share of x' . dequant(row) for an affine-quantized row of n inputs (uint32 words holding 32/BITS
 // values each, lowest bits first; w = scale * q + bias per group of GS inputs). Lanes take words lane, lane + 32, ...
-template <typename XT, typename ST, int BITS, int GS>
-inline float qdot_lane(const device XT* x, const device uint32_t* w, const device ST* scales,
-                       const device ST* biases, int n, uint lane) {
+// With GATED, x' = x * sigmoid(gate), each factor rounded to T as the ops path rounds it; otherwise x' = x.
+// The pointers are template parameters so that any address space binds: MLX passes an input of fewer than 8
+// elements as `constant`, and Metal does not convert between address spaces.
+template <typename T, int BITS, int GS, bool GATED, typename XP, typename GP, typename WP, typename SP>
+inline float qdot_lane(XP x, GP gate, WP w, SP scales, SP biases, int n, uint lane) {
   constexpr int PER_WORD = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   float acc = 0.0f;
@@ -29,6 +31,9 @@ inline float qdot_lane(const device XT* x, const device uint32_t* w, const devic
     float xs = 0.0f;
     for (int v = 0; v < PER_WORD; v++) {
       float xv = float(x[first + v]);
+      if (GATED) {
+        xv = float(T(xv * float(T(sigmoid_f(float(gate[first + v]))))));
+      }
       xq += xv * float((packed >> (v * BITS)) & MASK);
       xs += xv;
     }

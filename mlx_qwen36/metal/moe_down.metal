@@ -10,16 +10,16 @@ uint n = thread_position_in_grid.z;
 
 float acc = 0.0f;
 for (int s = 0; s < SLOTS; s++) {
-  const device T* a_s = act + (size_t(n) * SLOTS + s) * IMAX;
+  auto a_s = act + (size_t(n) * SLOTS + s) * IMAX;
   float wt = float(weights[size_t(n) * SLOTS + s]);
   if (s < K) {
     size_t row = size_t(inds[n * K + s]) * H + h;
-    acc += wt * qdot_lane<T, ST, BITS, GS>(a_s, w + row * (I * BITS / 32), scales + row * (I / GS),
-                                          biases + row * (I / GS), I, lane);
+    acc += wt * qdot_lane<T, BITS, GS, false>(a_s, a_s, w + row * (I * BITS / 32), scales + row * (I / GS),
+                                             biases + row * (I / GS), I, lane);
   } else {
-    acc += wt * qdot_lane<T, ST, BITS, GS>(a_s, shared_w + size_t(h) * (IS * BITS / 32),
-                                          shared_scales + size_t(h) * (IS / GS),
-                                          shared_biases + size_t(h) * (IS / GS), IS, lane);
+    acc += wt * qdot_lane<T, BITS, GS, false>(a_s, a_s, shared_w + size_t(h) * (IS * BITS / 32),
+                                             shared_scales + size_t(h) * (IS / GS),
+                                             shared_biases + size_t(h) * (IS / GS), IS, lane);
   }
 }
 acc = simd_sum(acc);

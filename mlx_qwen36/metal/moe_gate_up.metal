@@ -10,38 +10,29 @@ uint r = thread_position_in_grid.y;
 uint n = thread_position_in_grid.z / SLOTS;
 uint slot = thread_position_in_grid.z % SLOTS;
 
-const device uint32_t* wg;
-const device uint32_t* wu;
-const device ST* sg;
-const device ST* su;
-const device ST* bg;
-const device ST* bu;
+auto xn = x + size_t(n) * H;
+float gate;
+float up;
 if (slot < uint(K)) {
   if (r >= uint(I)) {
     return;
   }
   size_t e = inds[n * K + slot];
   size_t rg = e * 2 * I + r, ru = e * 2 * I + I + r;
-  wg = w + rg * WPR;
-  wu = w + ru * WPR;
-  sg = scales + rg * GPR;
-  su = scales + ru * GPR;
-  bg = biases + rg * GPR;
-  bu = biases + ru * GPR;
-} else {
+  gate = qdot_lane<T, BITS, GS, false>(xn, xn, w + rg * WPR, scales + rg * GPR, biases + rg * GPR, H, lane);
+  up = qdot_lane<T, BITS, GS, false>(xn, xn, w + ru * WPR, scales + ru * GPR, biases + ru * GPR, H, lane);
+} else {  // the shared expert's weights: their own inputs, possibly in another address space
   if (r >= uint(IS)) {
     return;
   }
-  wg = shared_gate_w + size_t(r) * WPR;
-  wu = shared_up_w + size_t(r) * WPR;
-  sg = shared_gate_scales + size_t(r) * GPR;
-  su = shared_up_scales + size_t(r) * GPR;
-  bg = shared_gate_biases + size_t(r) * GPR;
-  bu = shared_up_biases + size_t(r) * GPR;
+  size_t o = r;
+  gate = qdot_lane<T, BITS, GS, false>(xn, xn, shared_gate_w + o * WPR, shared_gate_scales + o * GPR,
+                                       shared_gate_biases + o * GPR, H, lane);
+  up = qdot_lane<T, BITS, GS, false>(xn, xn, shared_up_w + o * WPR, shared_up_scales + o * GPR,
+                                     shared_up_biases + o * GPR, H, lane);
 }
-const device T* xn = x + size_t(n) * H;
-float gate = simd_sum(qdot_lane<T, ST, BITS, GS>(xn, wg, sg, bg, H, lane));
-float up = simd_sum(qdot_lane<T, ST, BITS, GS>(xn, wu, su, bu, H, lane));
+gate = simd_sum(gate);
+up = simd_sum(up);
 if (lane == 0) {
   act[(size_t(n) * SLOTS + slot) * IMAX + r] = T(silu_f(float(T(gate))) * float(T(up)));
 }

@@ -11,43 +11,22 @@ uint n = thread_position_in_grid.z;
 if (r >= uint(R)) {
   return;
 }
-const device uint32_t* w;
-const device ST* s;
-const device ST* bi;
-uint row = r;
-if (row < uint(R0)) {
-  w = w0; s = s0; bi = b0;
-} else if (row < uint(R0 + R1)) {
-  row -= R0; w = w1; s = s1; bi = b1;
-} else if (row < uint(R0 + R1 + R2)) {
-  row -= R0 + R1; w = w2; s = s2; bi = b2;
+auto xn = x + size_t(n) * H;
+auto gn = gate + size_t(n) * (GATED ? H : 0);
+// Each weight in its own call: the layers' pointers may lie in different address spaces.
+float acc;
+if (r < uint(R0)) {
+  size_t o = r;
+  acc = qdot_lane<T, BITS, GS, GATED>(xn, gn, w0 + o * WPR, s0 + o * GPR, b0 + o * GPR, H, lane);
+} else if (r < uint(R0 + R1)) {
+  size_t o = r - R0;
+  acc = qdot_lane<T, BITS, GS, GATED>(xn, gn, w1 + o * WPR, s1 + o * GPR, b1 + o * GPR, H, lane);
+} else if (r < uint(R0 + R1 + R2)) {
+  size_t o = r - R0 - R1;
+  acc = qdot_lane<T, BITS, GS, GATED>(xn, gn, w2 + o * WPR, s2 + o * GPR, b2 + o * GPR, H, lane);
 } else {
-  row -= R0 + R1 + R2; w = w3; s = s3; bi = b3;
-}
-w += size_t(row) * WPR;
-s += size_t(row) * GPR;
-bi += size_t(row) * GPR;
-
-constexpr int PER_WORD = 32 / BITS;
-constexpr uint32_t MASK = (1u << BITS) - 1u;
-const device T* xn = x + size_t(n) * H;
-const device T* gn = gate + size_t(n) * H;
-float acc = 0.0f;
-for (int word = int(lane); word < WPR; word += 32) {
-  int first = word * PER_WORD;
-  uint32_t packed = w[word];
-  float xq = 0.0f;
-  float xs = 0.0f;
-  for (int v = 0; v < PER_WORD; v++) {
-    float xv = float(xn[first + v]);
-    if (GATED) {
-      xv = float(T(xv * float(T(sigmoid_f(float(gn[first + v]))))));
-    }
-    xq += xv * float((packed >> (v * BITS)) & MASK);
-    xs += xv;
-  }
-  int group = first / GS;
-  acc += float(s[group]) * xq + float(bi[group]) * xs;
+  size_t o = r - R0 - R1 - R2;
+  acc = qdot_lane<T, BITS, GS, GATED>(xn, gn, w3 + o * WPR, s3 + o * GPR, b3 + o * GPR, H, lane);
 }
 acc = simd_sum(acc);
 if (lane == 0) {

@@ -301,7 +301,6 @@ GDN_KERNEL = kernels.Kernel(
     ["qkv", "a", "b_in", "z", "conv_state", "conv_w", "A_log", "dt_bias", "state", "norm_w", "mask", "eps"],
     ["y", "conv_out", "state_out", "steps"],
 )
-_NO_MASK = mx.ones((1,), dtype=mx.bool_)
 
 
 def simdgroups(head_v_dim: int) -> int:
@@ -316,7 +315,7 @@ def _kernel(dims: GDNDims, step_states: bool, qkv, a, b, z, conv_weight, A_log, 
     nsg = simdgroups(Dv)
     y, conv_out, state_out, steps = GDN_KERNEL(
         inputs=[qkv, a, b, z, conv_state.astype(qkv.dtype), conv_weight.reshape(C, K), A_log, dt_bias,
-                state, norm_weight, _NO_MASK if mask is None else mask, dims.eps],
+                state, norm_weight, kernels.absent(mx.bool_) if mask is None else mask, dims.eps],
         output_shapes=[(B, T, Hv * Dv), (B, K - 1, C), (B, Hv, Dv, Dk), (B, T, Hv, Dv, Dk) if step_states else (1,)],
         output_dtypes=[qkv.dtype, qkv.dtype, mx.float32, mx.float32],
         grid=(32 * nsg, 1, B * Hv), threadgroup=(32 * nsg, 1, 1),

@@ -32,6 +32,7 @@ from typing import Any
 import mlx.core as mx
 
 MODE_ENV = "MLX_QWEN36_KERNELS"
+CONSTANT_SPACE_BELOW = 8  # inputs with fewer elements reach a kernel as `const constant T*`, others `const device`
 CHOICES_PATH = Path.home() / ".cache" / "mlx_qwen36" / "kernel_choices.json"
 log = logging.getLogger("mlx_qwen36.kernels")
 
@@ -104,10 +105,11 @@ def metal_graph() -> bool:
 
 @cache
 def absent(dtype: mx.Dtype) -> mx.array:
-    """The one-element stand-in passed for an input a kernel instantiation does not read: it must still have the
-    dtype the kernel declares for that buffer, or the kernel does not compile. Evaluated once, so no graph that
-    uses it (a traced or compiled step) recomputes it."""
-    a = mx.zeros((1,), dtype=dtype)
+    """The stand-in passed for an input a kernel instantiation does not read. It has the dtype the kernel declares
+    for that buffer, and 8 elements: MLX passes an input of fewer in the `constant` address space, and a kernel
+    that selects among its inputs into one `const device` pointer (qmv's layers, the shared expert's weights) would
+    not compile on Metal. Evaluated once, so no traced or compiled step recomputes it."""
+    a = mx.zeros((CONSTANT_SPACE_BELOW,), dtype=dtype)
     mx.eval(a)
     return a
 

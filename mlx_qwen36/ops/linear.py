@@ -99,7 +99,7 @@ def _kernel(bits: int, group: int, x: mx.array, gate: mx.array | None, residual:
                 kernels.absent(x.dtype) if residual is None else residual, *padded],
         output_shapes=[(*x.shape[:-1], total)], output_dtypes=[x.dtype],
         grid=(32, total, rows), threadgroup=(32, 4, 1),
-        template=[("T", x.dtype), ("ST", weights[1].dtype), ("H", H), ("BITS", bits), ("GS", group),
+        template=[("T", x.dtype), ("H", H), ("BITS", bits), ("GS", group),
                   *((f"R{i}", s) for i, s in enumerate(sizes)), ("GATED", gate is not None),
                   ("RESIDUAL", residual is not None)],
     )

@@ -149,14 +149,14 @@ def _fused(spec: FusedSpec, x: mx.array, logits: mx.array, shared_logit: mx.arra
     (act,) = GATE_UP(
         inputs=[x, inds, gu_w, gu_s, gu_b, *sg], output_shapes=[(N, slots, imax)], output_dtypes=[x.dtype],
         grid=(32, imax, N * slots), threadgroup=(32, ROWS_PER_THREADGROUP, 1),
-        template=[("T", x.dtype), ("ST", gu_s.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
+        template=[("T", x.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
                   ("HAS_SHARED", has_shared)],
     )
     sd = shared[6:] if has_shared else none
     (y,) = DOWN(
         inputs=[act, inds, weights, kernels.absent(x.dtype) if residual is None else residual, d_w, d_s, d_b, *sd],
         output_shapes=[(N, H)], output_dtypes=[x.dtype], grid=(32, H, N), threadgroup=(32, ROWS_PER_THREADGROUP, 1),
-        template=[("T", x.dtype), ("ST", d_s.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
+        template=[("T", x.dtype), ("H", H), ("I", inter), ("IS", max(IS, 1)), ("K", K), *quant,
                   ("HAS_SHARED", has_shared), ("RESIDUAL", residual is not None)],
     )
     return y
