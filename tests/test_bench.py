@@ -84,7 +84,7 @@ def test_check_kernels_reports_every_kernel(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["backend"] == "emulator" and data["sizes"] == "small" and data["ok"]
-    assert {r["kernel"] for r in data["rows"]} == {"gdn_mixer", "moe", "qmv"}
+    assert {r["kernel"] for r in data["rows"]} == {"gdn_mixer", "gdn_chunk_scan", "moe", "qmv"}
     assert all(r["error"] <= r["tolerance"] and r["kernel_ms"] > 0 for r in data["rows"])
     assert "| gdn_mixer | T=1 (decode) |" in done.stdout
 

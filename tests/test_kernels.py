@@ -136,6 +136,38 @@ def test_gdn_shapes_the_kernel_does_not_cover_take_the_reference(launches):
     assert launches == []
 
 
+def delta_rule_case(B, T, Hk=2, Hv=4, Dk=32, Dv=16, seed=0):
+    """Normalised q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], log decays and write strengths, a state [B, Hv, Dk, Dv]."""
+    mx.random.seed(seed)
+    q, k = (gd.l2norm(mx.random.normal((B, T, Hk, Dk))) for _ in range(2))
+    v = mx.random.normal((B, T, Hv, Dv))
+    g = -mx.random.uniform(0.01, 0.5, (B, T, Hv))
+    beta = mx.random.uniform(0.1, 0.9, (B, T, Hv))
+    state = mx.random.normal((B, Hv, Dk, Dv)) * 0.3
+    return q * Dk**-0.5, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("B, T, Dv", [(1, 17, 16), (2, 150, 16), (1, 64, 128), (1, 200, 8)])
+def test_chunk_scan_kernel_equals_the_recurrence(launches, B, T, Dv):
+    """The chunk-parallel prefill with its sequential part in one launch: one chunk (padded), several chunks with a
+    padded last one, the real value width, grouped heads; against the token-by-token recurrence."""
+    q, k, v, g, beta, state = delta_rule_case(B, T, Dv=Dv)
+    o, s = gd.delta_rule(q, k, v, g, beta, state)
+    G = v.shape[2] // q.shape[2]
+    want_o, want_s = gd.gated_delta_recurrence(gd.expand_heads(q, G), gd.expand_heads(k, G), v, g, beta, state)
+    mx.eval(o, s)
+    assert launches == ["gdn_chunk_scan"]
+    assert err(o, want_o) <= 1e-4 * scale(want_o) and err(s, want_s) <= 1e-4 * scale(want_s)
+
+
+def test_chunk_scan_kernel_equals_its_ops_form(launches):
+    q, k, v, g, beta, state = delta_rule_case(2, 130, Hk=4, Hv=4, Dk=64, Dv=32, seed=3)
+    scanned = gd.gated_delta_chunked(q, k, v, g, beta, state, chunk_size=64, scan=gd.chunk_scan_kernel)
+    looped = gd.gated_delta_chunked(q, k, v, g, beta, state, chunk_size=64)
+    for a, b in zip(scanned, looped):
+        assert a.shape == b.shape and err(a, b) <= 1e-5 * scale(b)
+
+
 # --- projections (qmv) ---------------------------------------------------------------------------------------------
 
 
@@ -475,7 +507,9 @@ def test_emulated_source_is_the_text_mlx_generates(launches, monkeypatch):
     check_moe(moe_block(mx.bfloat16, 4, 64), 2, mx.bfloat16)
     check_moe(moe_block(mx.float32, 4, 64, shared_bits=8), 1, mx.float32)  # the shared expert's stand-ins
     check_projections(quantized_layers(mx.float32, [8]), 1, mx.float32, gate=True, residual=True)
-    assert {k.name for k, _ in calls} == {"gdn_mixer", "qmv", "moe_router", "moe_gate_up", "moe_down"}
+    mx.eval(gd.delta_rule(*delta_rule_case(1, 40)))
+    assert {k.name for k, _ in calls} == {"gdn_mixer", "gdn_chunk_scan", "qmv", "moe_router", "moe_gate_up",
+                                          "moe_down"}
     for kernel, call in calls:
         spec = kernel.spec()
         mine = metal_source(spec["name"], spec["input_names"], spec["output_names"], spec["source"], spec["header"],
@@ -505,17 +539,21 @@ def assert_constant_inputs_only_indexed(name: str, text: str) -> None:
     ("moe_gate_up", "size_t rg = e * 2 * I + r, ru = e * 2 * I + I + r;", "size_t rg = e * 2 * I + r, ru = rg;"),
     ("moe_down", "int group = first / GS;", "int group = first / GS + (GS == 32);"),  # in common.h: both matvecs
     ("qmv", "size_t o = r - R0;\n", "size_t o = r - R0 + 1;\n"),
+    ("gdn_chunk_scan", "+ sg * CPS + j] - p;", "+ sg * CPS + j];"),  # V' = U, not U - W·S
+    ("gdn_chunk_scan", "simd_broadcast(vn[j][m], ushort(l))", "simd_broadcast(vn[j][m], ushort(31 - l))"),
     ("qmv", "float(residual[size_t(n) * R + r])", "float(residual[size_t(n) * R + (r + 1) % R])"),
 ])
 def test_a_broken_index_fails_the_comparison(launches, monkeypatch, kernel, needle, broken):
     real = kernels.source.__wrapped__
     target = next(f for f in (f"{kernel}.metal", "common.h") if needle in real(f))  # the mutation still applies
     monkeypatch.setattr(kernels, "source", lambda f: real(f).replace(needle, broken) if f == target else real(f))
-    for k in (gd.GDN_KERNEL, moe_ops.ROUTER, moe_ops.GATE_UP, moe_ops.DOWN, QMV):
+    for k in (gd.GDN_KERNEL, gd.CHUNK_SCAN, moe_ops.ROUTER, moe_ops.GATE_UP, moe_ops.DOWN, QMV):
         monkeypatch.setattr(k, "_made", {})
     with pytest.raises(AssertionError):
         if kernel == "gdn_mixer":
             check_gdn(*gdn_case(1, 3, mx.float32))
+        elif kernel == "gdn_chunk_scan":
+            test_chunk_scan_kernel_equals_the_recurrence(launches, 1, 70, 16)
         elif kernel == "qmv":
             check_projections(quantized_layers(mx.float32, [16, 8]), 2, mx.float32, residual=False)
             check_projections(quantized_layers(mx.float32, [16]), 2, mx.float32, residual=True)

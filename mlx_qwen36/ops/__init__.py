@@ -2,7 +2,7 @@
 
 | op | reference | Metal kernel | CPU form |
 |---|---|---|---|
-| `gated_delta_mixer` | conv, norms, gates, delta rule (`gated_delta`) | `gdn_mixer` (all T) | two threads by heads |
+| `gated_delta_mixer` | conv, norms, gates, delta rule | `gdn_mixer`, `gdn_chunk_scan` (prefill) | two threads |
 | `sparse_moe` | `router` + gathered expert matmuls | `moe_router`, `moe_gate_up`, `moe_down` | fp32 gathers |
 | `projections` | each layer's matmul | `qmv` (several weights, gate, residual) | the stored layout |
 | `attention`, `rotary_decode` | `mx.fast` SDPA and RoPE | (MLX's own) | grouped matmul, explicit rotation |

@@ -9,7 +9,8 @@ states and returns the normalised output and the new states. Behind it:
   - `gated_delta_recurrence`: one token at a time. Every faster form is tested against it; short prompts
     (T <= CHUNK_THRESHOLD) and per-step states use it.
   - `gated_delta_chunked`: the chunk-parallel form for prefill (WY/UT transform, Yang et al. 2024, "Gated Delta
-    Networks"): within a chunk everything is matmuls, and the fp32 state is carried across chunks.
+    Networks"): within a chunk everything is matmuls, and the fp32 state is carried across chunks, by a loop of
+    matmuls or by the Metal kernel `gdn_chunk_scan` (all chunks in one launch), whichever is measured faster.
   - `gated_delta_step`: one decode token with the state read once by a matmul and updated by one fused expression.
   - on Metal, `mx.fast.gated_delta_update` where it has real kernels for the head layout (`metal_kernel_covers`);
     on CPU and CUDA it is an ops loop slower than the forms here.
@@ -137,7 +138,7 @@ def _chunks(x: mx.array, C: int) -> mx.array:
 
 def gated_delta_chunked(
     q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int = CHUNK_SIZE, scan: Callable | None = None,
 ) -> tuple[mx.array, mx.array]:
     """The gated delta rule chunk-parallel (WY/UT form), equal to `gated_delta_recurrence`; same shapes, fp32.
 
@@ -146,7 +147,8 @@ def gated_delta_chunked(
         W = T·(diag(β)·exp(G)·K)   [C, Dk]    U = T·(diag(β)·V)   [C, Dv]
     so for the chunk-start state S:  V' = U − W·S,  O = exp(G)·Q·S + (Q·Kᵀ ⊙ Γ)·V',
     S_next = exp(G_C)·S + (exp(G_C − G)·K)ᵀ·V'  (G the cumulative log decay inside the chunk).
-    Only the last three lines run chunk after chunk; everything else is batched over all chunks.
+    Only those last three lines run chunk after chunk (`scan`: `chunk_scan_ops`, or the Metal kernel's
+    `chunk_scan_kernel`); everything else is batched over all chunks.
     """
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -172,18 +174,48 @@ def gated_delta_chunked(
     # One matmul per chunk reads the state for both W·S and exp(G)·Q·S.
     reads = mx.concatenate([wu[..., :Dk], q * mx.exp(G)[..., None]], axis=-2)  # [B, H, n, 2C, Dk]
     qk = (q @ kT) * decay  # [B, H, n, C, C]
-    k_out = mx.contiguous((k * mx.exp(seg[..., -1, :])[..., None]).swapaxes(-1, -2))  # [B, H, n, Dk, C]
-    chunk_decay = mx.exp(G[..., -1])[..., None, None]  # [B, H, n, 1, 1]
+    k_dec = k * mx.exp(seg[..., -1, :])[..., None]  # [B, H, n, C, Dk]
+    o, state = (scan or chunk_scan_ops)(reads, u, qk, k_dec, mx.exp(G[..., -1]), state)  # o [B, H, n, C, Dv]
+    o = mx.moveaxis(o, 1, 3).reshape(B, n * C, H, Dv)
+    return o[:, :T], state
 
+
+def chunk_scan_ops(reads: mx.array, u: mx.array, qk: mx.array, k_dec: mx.array, chunk_decay: mx.array,
+                   state: mx.array) -> tuple[mx.array, mx.array]:
+    """The chunks one after another in MLX ops (shapes in `gated_delta_chunked`; state [B, H, Dk, Dv])."""
+    C = u.shape[-2]
+    k_out = mx.contiguous(k_dec.swapaxes(-1, -2))  # [B, H, n, Dk, C]
     outs = []
-    for c in range(n):
+    for c in range(u.shape[2]):
         r = reads[:, :, c] @ state  # [B, H, 2C, Dv]
         v_new = u[:, :, c] - r[:, :, :C]
         outs.append(r[:, :, C:] + qk[:, :, c] @ v_new)
-        state = chunk_decay[:, :, c] * state + k_out[:, :, c] @ v_new
-    o = mx.stack(outs, axis=2)  # [B, H, n, C, Dv]
-    o = mx.moveaxis(o, 1, 3).reshape(B, n * C, H, Dv)
-    return o[:, :T], state
+        state = chunk_decay[:, :, c, None, None] * state + k_out[:, :, c] @ v_new
+    return mx.stack(outs, axis=2), state
+
+
+CHUNK_SCAN = kernels.Kernel("gdn_chunk_scan", ["reads", "u", "qk", "k_dec", "decay", "state"], ["o", "state_out"])
+
+
+def chunk_scan_kernel(reads: mx.array, u: mx.array, qk: mx.array, k_dec: mx.array, chunk_decay: mx.array,
+                      state: mx.array) -> tuple[mx.array, mx.array]:
+    """`chunk_scan_ops` as one launch (metal/gdn_chunk_scan.metal): one threadgroup per (batch row, head)."""
+    B, H, n, C, Dv = u.shape
+    Dk = k_dec.shape[-1]
+    nsg = simdgroups(Dv)
+    o, state_out = CHUNK_SCAN(
+        inputs=[reads, u, qk, k_dec, chunk_decay, state.swapaxes(-1, -2)],  # the state as [B, H, Dv, Dk]
+        output_shapes=[(B, H, n, C, Dv), (B, H, Dv, Dk)], output_dtypes=[mx.float32, mx.float32],
+        grid=(32 * nsg, 1, B * H), threadgroup=(32 * nsg, 1, 1),
+        template=[("DK", Dk), ("DV", Dv), ("C", C), ("NSG", nsg)],
+    )
+    return o, state_out.swapaxes(-1, -2)
+
+
+def chunk_scan_covers(q: mx.array, v: mx.array) -> bool:
+    """The scan kernel's layout: whole SIMD-groups of key entries, value columns in fours, chunks of 32 rows or more
+    (the chunk of a prompt of T > CHUNK_THRESHOLD tokens is min(CHUNK_SIZE, next power of two >= T))."""
+    return q.shape[-1] % 32 == 0 and v.shape[-1] % 4 == 0 and CHUNK_SIZE % 32 == 0
 
 
 def metal_kernel_covers(q: mx.array, v: mx.array) -> bool:
@@ -374,7 +406,25 @@ def gates(a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array) -> tuple
 def delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
                state: mx.array) -> tuple[mx.array, mx.array]:
     """q, k [B, T, Hk, Dk] (normalised, ungrouped), state [B, Hv, Dk, Dv] -> o [B, T, Hv, Dv] and the new state, by
-    the cheapest form."""
+    the cheapest form: for a prompt, the chunk-parallel form with its sequential part as one Metal kernel where
+    that is on and measured faster than the reference's form here (on Metal, `mx.fast.gated_delta_update`)."""
+    B, T, Hk, Dk = q.shape
+    if T > CHUNK_THRESHOLD and chunk_scan_covers(q, v):
+        key = ("gdn_chunk_scan", B, _t_bucket(T), Hk, v.shape[2], Dk, v.shape[-1])
+        return kernels.dispatch("gdn_chunk_scan", key, _chunked_with_kernel, _delta_rule_reference,
+                                (q, k, v, g, beta, state))
+    return _delta_rule_reference(q, k, v, g, beta, state)
+
+
+def _chunked_with_kernel(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+                         state: mx.array) -> tuple[mx.array, mx.array]:
+    groups = v.shape[2] // q.shape[2]
+    return gated_delta_chunked(expand_heads(q, groups), expand_heads(k, groups), v, g, beta, state,
+                               chunk_size=CHUNK_SIZE, scan=chunk_scan_kernel)
+
+
+def _delta_rule_reference(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+                          state: mx.array) -> tuple[mx.array, mx.array]:
     if metal_kernel_covers(q, v):
         return gated_delta_metal(q, k, v, g, beta, state)
     T = q.shape[1]
