@@ -7,6 +7,8 @@ and the KV buffer is only ever written past `offset`, so the rows a snapshot cov
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -85,6 +87,20 @@ class GDNCache:
         self.conv_state: mx.array | None = None
         self.recurrent_state: mx.array | None = None
         self.offset = 0
+        # With `record_steps`, a forward also keeps the states after each of its T tokens (`steps`: conv
+        # [B, T, K-1, conv_dim], recurrent [B, T, Hv, Dv, Dk]), so that `keep` can rewind to any of them.
+        self.record_steps = False
+        self.steps: tuple[mx.array, mx.array] | None = None
+
+    def keep(self, n: int) -> None:
+        """Keep the first n (>= 1) tokens of the last recorded forward, as if it had been fed only those."""
+        conv, rec = self.steps
+        T = conv.shape[1]
+        if not 1 <= n <= T:
+            raise ValueError(f"cannot keep {n} of the {T} tokens of the last forward")
+        self.conv_state, self.recurrent_state = conv[:, n - 1], rec[:, n - 1]
+        self.offset -= T - n
+        self.steps = (conv[:, :n], rec[:, :n])
 
     def snapshot(self) -> Any:
         return (self.conv_state, self.recurrent_state, self.offset)
@@ -117,6 +133,29 @@ def buffers(cache: list[Cache]) -> list[mx.array]:
     for c in cache:
         out += [a for a in (c.keys, c.values) if a is not None] if isinstance(c, KVCache) else c.state
     return out
+
+
+@contextmanager
+def recording_steps(cache: list[Cache]) -> Iterator[None]:
+    """Inside, every GDN layer's forward keeps its per-token states (see `GDNCache.keep`)."""
+    gdn = [c for c in cache if isinstance(c, GDNCache)]
+    for c in gdn:
+        c.record_steps = True
+    try:
+        yield
+    finally:
+        for c in gdn:
+            c.record_steps = False
+
+
+def keep_tokens(cache: list[Cache], forward_len: int, n: int) -> None:
+    """Keep the first n (>= 1) of the `forward_len` tokens the last forward fed (recorded by `recording_steps`):
+    KV caches are truncated, GDN states taken from the step after token n. Nothing is recomputed."""
+    for c in cache:
+        if isinstance(c, GDNCache):
+            c.keep(n)
+        else:
+            c.restore(c.offset - (forward_len - n))
 
 
 def snapshot(cache: list[Cache]) -> list[Any]:

@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from .cache import Cache, buffers
 from .ops import kernels
-from .positions import text_position_ids
+from .positions import no_delta, text_position_ids
 
 __all__ = ["decode_step", "make_decode_step"]
 
@@ -50,6 +50,8 @@ def _segments(layers: list[nn.Module]) -> list[_Segment]:
 class _TracedGDN:
     """A GDNCache inside a compiled segment: the layer reads and replaces its states as on the real cache."""
 
+    record_steps = False
+
     def __init__(self, conv_state: mx.array, recurrent_state: mx.array):
         self.conv_state, self.recurrent_state, self.offset = conv_state, recurrent_state, 0
 
@@ -57,6 +59,7 @@ class _TracedGDN:
 def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
     """`step(tokens [B, 1], cache, rope_delta=0) -> logits [B, 1, vocab]`, equal to `model(tokens, cache)` and
     updating `cache` the same way (lazily: evaluate the logits and `[c.state for c in cache]` as for the plain call).
+    `step.hidden(...)` is the same step up to the final norm: the hidden state [B, 1, H].
 
     The step is a chain of `mx.compile`d segments cut at the attention cores: each segment runs the end of one
     attention layer, the GDN layers after it and the projections of the next attention layer (the last one the
@@ -102,14 +105,15 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
 
     compiled = [traced(s) for s in segments]
 
-    def step(tokens: mx.array, cache: list[Cache], rope_delta: int | mx.array = 0) -> mx.array:
+    def hidden(tokens: mx.array, cache: list[Cache], rope_delta: int | mx.array = 0) -> mx.array:
+        """The final-normed hidden state [B, 1, H] of the step (what the lm_head, and the MTP head, read)."""
         B, T = tokens.shape
         if T != 1:
             raise ValueError(f"the decode step takes one token per row, got {T}")
         # An empty cache: the plain call creates its states. Kernels in the CPU emulator run eagerly: not traceable.
         if any(c.offset == 0 for c in cache) or kernels.emulated():
-            positions = None if _is_zero(rope_delta) else text_position_ids(cache[0].offset, 1, rope_delta, B)
-            return model(tokens, cache, position_ids=positions)
+            positions = None if no_delta(rope_delta) else text_position_ids(cache[0].offset, 1, rope_delta, B)
+            return model.model(tokens, cache, positions)
         position = (mx.array(cache[0].offset, dtype=mx.int32) + mx.array(rope_delta, dtype=mx.int32)).reshape(-1)
         x: dict = {"tokens": tokens.reshape(B), "position": mx.broadcast_to(position, (B,))}
         # What a trace depends on besides the weights: a new batch size or state dtype traces the segments again.
@@ -122,14 +126,18 @@ def make_decode_step(model: nn.Module) -> Callable[..., mx.array]:
                 cache[i].conv_state, cache[i].recurrent_state = next(states), next(states)
                 cache[i].offset += 1
             if segment.open is None:
-                # The lm_head is one matmul, nothing to fuse: uncompiled, it keeps the back end's own form (on the
-                # CPU, the stored layout split over two threads).
-                return model.logits(out["h"]).reshape(B, 1, -1)
+                return out["h"].reshape(B, 1, -1)
             attn = layers[segment.open].self_attn
             o = attn.attend(out["q"], out["k"], out["v"], cache[segment.open])
             x = {"h": out["h"], "o": o, "gate": out["gate"], "position": x["position"]}
-        raise AssertionError("the last segment returns the logits")
+        raise AssertionError("the last segment returns the hidden state")
 
+    def step(tokens: mx.array, cache: list[Cache], rope_delta: int | mx.array = 0) -> mx.array:
+        # The lm_head is one matmul, nothing to fuse: uncompiled, it keeps the back end's own form (on the CPU, the
+        # stored layout split over two threads).
+        return model.logits(hidden(tokens, cache, rope_delta))
+
+    step.hidden = hidden
     return step
 
 
@@ -154,10 +162,6 @@ class _KeepingLayout:
             module.weight = weight
         self.seen.add(shapes)
         return out
-
-
-def _is_zero(value: int | mx.array) -> bool:
-    return not bool(mx.any(mx.array(value) != 0).item())
 
 
 def decode_step(model: nn.Module) -> Callable[..., mx.array]:

@@ -61,10 +61,12 @@ class GatedDeltaNet(nn.Module):
     def mix(self, qkv: mx.array, a: mx.array, b: mx.array, z: mx.array, cache: GDNCache | None,
             mask: mx.array | None = None) -> mx.array:
         """The op between the projections and out_proj, reading and updating the cache's states."""
+        record = cache is not None and cache.record_steps
         out = gated_delta_mixer(self.dims, qkv, a, b, z, self.conv1d.weight, self.A_log, self.dt_bias,
                                 self.norm.weight, cache.conv_state if cache is not None else None,
-                                cache.recurrent_state if cache is not None else None, mask)
+                                cache.recurrent_state if cache is not None else None, mask, step_states=record)
         if cache is not None:
             cache.conv_state, cache.recurrent_state = out.conv_state, out.state
             cache.offset += qkv.shape[1]
+            cache.steps = (out.conv_steps, out.state_steps) if record else None
         return out.y

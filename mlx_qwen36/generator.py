@@ -29,6 +29,7 @@ from .multimodal import MediaPrompt, collect_media, embed, media_prompt, with_me
 from .positions import text_position_ids
 from .prompt_cache import IM_START, PromptCache
 from .sampling import Sampler, SamplingParams, from_generation_config, preset
+from .speculative import SpeculativeDecoder, parse_draft_tokens
 from .tool_parser import CONTENT, REASONING, TOOL_CALL, Event, StreamParser, ToolCall, initial_phase
 
 DEFAULT_MAX_TOKENS = 4096
@@ -52,6 +53,8 @@ class GenerationChunk:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
+    draft_acceptance: list[float] | None = None  # speculative decoding: acceptance rate per draft position
+    tokens_per_forward: float | None = None  # speculative decoding: tokens per main-model forward
 
 
 @dataclass
@@ -66,6 +69,8 @@ class GenerationResult:
     prompt_tps: float
     generation_tps: float
     peak_memory_gb: float
+    draft_acceptance: list[float] | None = None
+    tokens_per_forward: float | None = None
 
 
 class StopStrings:
@@ -112,50 +117,55 @@ def build_prompt(processor: Any, prompt: str | Sequence[Any], tools: Sequence[di
     return processor.encode(text), text
 
 
-def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], logits: bool, keys: list[int] | None = None,
+def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], keys: list[int] | None = None,
                  embeddings: mx.array | None = None, position_ids: mx.array | None = None) -> mx.array:
-    """Push prompt tokens through the cache; on any interruption roll the cache back to before them.
+    """Push prompt tokens through the cache and return their final-normed hidden states [1, T, H]; on any
+    interruption roll the cache back to before them.
 
     `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys).
     """
     before = snapshot_cache(pc.cache)
     try:
-        x = mx.array([tokens])
-        if logits:
-            out = model(x, pc.cache, position_ids=position_ids, input_embeddings=embeddings)[:, -1]
-        else:
-            out = model.model(x, pc.cache, position_ids, embeddings)
-        mx.eval(out, [c.state for c in pc.cache])
+        hidden = model.model(mx.array([tokens]), pc.cache, position_ids, embeddings)
+        mx.eval(hidden, [c.state for c in pc.cache])
     except BaseException:
         restore_cache(pc.cache, before)
         raise
     pc.record(keys if keys is not None else tokens)
-    return out
+    return hidden
+
+
+HiddenHook = Callable[[int, mx.array, list[int], "mx.array | None"], None]
 
 
 def prefill(model: Model, pc: PromptCache, prompt: list[int], start: int, chunk_size: int,
-            media: MediaPrompt | None = None) -> mx.array:
+            media: MediaPrompt | None = None, on_hidden: HiddenHook | None = None) -> mx.array:
     """Prefill prompt[start:] in chunks that end on message boundaries (snapshotted); returns the last logits.
 
     With media, the chunks take their input embeddings (vision features scattered in) and 3-D positions.
+    `on_hidden(a, hidden, next_tokens, position_ids)` sees each chunk's hidden states (speculative decoding's
+    MTP head takes them in).
     """
     boundaries = {p for p in range(start + 1, len(prompt)) if prompt[p] == IM_START}
     emb = embed(model, media, start, pc.features) if media is not None else None
     keys = media.keys if media is not None else prompt
 
-    def step(a: int, b: int, logits: bool) -> mx.array:
+    def step(a: int, b: int) -> mx.array:
         extra = {} if media is None else {"embeddings": emb[:, a - start: b - start],
                                           "position_ids": media.position_ids[:, :, a:b]}
-        return _atomic_step(model, pc, prompt[a:b], logits, keys[a:b], **extra)
+        hidden = _atomic_step(model, pc, prompt[a:b], keys[a:b], **extra)
+        if on_hidden is not None:
+            on_hidden(a, hidden, prompt[a + 1: b + 1], extra.get("position_ids"))
+        return hidden
 
     pos = start
     while pos < len(prompt) - 1:
         end = min(pos + chunk_size, len(prompt) - 1, min((b for b in boundaries if b > pos), default=len(prompt)))
-        step(pos, end, logits=False)
+        step(pos, end)
         if end in boundaries:
             pc.mark()
         pos = end
-    return step(len(prompt) - 1, len(prompt), logits=True)
+    return model.logits(step(len(prompt) - 1, len(prompt))[:, -1])
 
 
 def stream_generate(
@@ -181,11 +191,20 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     preset: str | None = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    draft_tokens: int | str | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, streaming a `GenerationChunk` per sampled token and a final chunk with `finish_reason`
-    ("stop", "length" or "tool_calls") and the statistics. `temperature=0` is greedy."""
+    ("stop", "length" or "tool_calls") and the statistics. `temperature=0` is greedy.
+
+    `draft_tokens` (1-4 or "auto"; needs the MTP head, `load(..., mtp=True)`): speculative decoding with the MTP
+    head, at most that many drafts per main-model forward ("auto": 3), the depth adapted to what pays; the output
+    has the same distribution (greedy: the same tokens) as without it. See `speculative`."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    draft_depth = parse_draft_tokens(draft_tokens)
+    if draft_depth and "mtp" not in model:
+        raise ValueError("draft_tokens needs the model's MTP head: load it with mtp=True (load(path, mtp=True), "
+                         "or --mtp on the command line)")
     params = sampling_params(processor, preset, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              repetition_penalty=repetition_penalty, seed=seed)
@@ -210,7 +229,7 @@ def stream_generate(
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     yield from _generate(model, processor, pc, ids, text, params, tools, max_tokens, stops, prefill_chunk_size,
-                         media)
+                         media, draft_depth)
 
 
 @contextmanager
@@ -264,21 +283,57 @@ def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable 
     return _InFlight(logits, before)
 
 
+class _PlainDecoder:
+    """The token source of plain decoding. It keeps one step in flight: the step that feeds token t is queued
+    before t is read back, so the device computes it while the host detokenizes, parses and yields t (one host
+    sync per token, `item()`). `close()` drops the step still in flight: the cache then holds the prompt and every
+    token returned but the last, as if each step had run only once its token was known to be needed."""
+
+    def __init__(self, model: Model, pc: PromptCache, sampler: Sampler, rope_delta: int | mx.array):
+        self.model, self.pc, self.sampler, self.rope_delta = model, pc, sampler, rope_delta
+        self.step = decode_step(model) if isinstance(model, Model) else None
+        self.inflight: _InFlight | None = None
+        self.last: int | None = None
+
+    def start(self, logits: mx.array, generated: list[int]) -> int:
+        return self._sample(logits, generated)
+
+    def next(self, generated: list[int]) -> int:
+        self.pc.record([self.last])  # its step, in flight, is now part of the conversation
+        logits, self.inflight = self.inflight.logits, None
+        return self._sample(logits, generated)
+
+    def _sample(self, logits: mx.array, generated: list[int]) -> int:
+        y = self.sampler.sample(logits, generated)
+        self.inflight = _launch_step(self.model, self.pc, y, self.step, self.rope_delta)
+        self.last = int(y.item())
+        return self.last
+
+    def close(self) -> None:
+        if self.inflight is not None:
+            restore_cache(self.pc.cache, self.inflight.before)
+            self.inflight = None
+
+
 def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], text: str, params: SamplingParams,
               tools: Sequence[dict] | None, max_tokens: int, stops: list[str], chunk_size: int,
-              media: MediaPrompt | None) -> Iterator[GenerationChunk]:
+              media: MediaPrompt | None, draft_depth: int | None) -> Iterator[GenerationChunk]:
     mx.reset_peak_memory()
     start = time.perf_counter()
-    cached = pc.reuse(model, media.keys if media is not None else ids)
-    logits = prefill(model, pc, ids, cached, chunk_size, media)
     rope_delta = media.rope_delta if media is not None else 0
+    sampler = Sampler(params)
+    if draft_depth:
+        source: Any = SpeculativeDecoder(model, pc, sampler, draft_depth, rope_delta)
+    else:
+        source = _PlainDecoder(model, pc, sampler, rope_delta)
+    cached = pc.reuse(model, media.keys if media is not None else ids)
+    logits = prefill(model, pc, ids, cached, chunk_size, media,
+                     on_hidden=source.prompt_chunk if draft_depth else None)
     pc.mark()
     prompt_time = time.perf_counter() - start
     stats = {"prompt_tokens": len(ids), "cached_tokens": cached,
              "prompt_tps": (len(ids) - cached) / max(prompt_time, 1e-9)}
 
-    step = decode_step(model) if isinstance(model, Model) else None
-    sampler = Sampler(params)
     detok = StreamingDetokenizer(processor)
     parser = StreamParser(initial_phase(text), list(tools) if tools else None)
     stopper = StopStrings(stops)
@@ -287,13 +342,15 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
     generated: list[int] = []
     finish = "length"
     stopped_by_string = saw_tool_call = False
-    inflight: _InFlight | None = None
     gen_start = time.perf_counter()
 
     def live(**extra) -> dict:
         n = len(generated)
+        spec = {}
+        if draft_depth:
+            spec = {"draft_acceptance": source.stats.acceptance, "tokens_per_forward": source.stats.tokens_per_forward}
         return dict(stats, generation_tokens=n, generation_tps=n / max(time.perf_counter() - gen_start, 1e-9),
-                    peak_memory_gb=mx.get_peak_memory() / 1e9, **extra)
+                    peak_memory_gb=mx.get_peak_memory() / 1e9, **spec, **extra)
 
     def chunks(events: list[Event], token: int | None) -> Iterator[GenerationChunk]:
         nonlocal saw_tool_call
@@ -304,16 +361,10 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
             saw_tool_call |= bool(calls)
             yield GenerationChunk(ev.text, token if i == len(events) - 1 else None, ev.phase, calls, **live())
 
-    # The loop keeps one step in flight: the step that feeds token t is queued before t is read back, so the
-    # device computes it while the host detokenizes, parses and yields t (one host sync per token, `item()`).
-    # When the turn ends, the step still in flight is dropped: the cache then holds the prompt and every
-    # generated token but the last, as if each step had run only once its token was known to be needed.
     with wired_limit(model):
         try:
-            y = sampler.sample(logits, generated)
-            inflight = _launch_step(model, pc, y, step, rope_delta)
+            token = source.start(logits, generated)
             while True:
-                token = int(y.item())
                 generated.append(token)
                 if token in eos:
                     finish = "stop"
@@ -326,10 +377,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
                     break
                 if len(generated) == limit:
                     break
-                pc.record([token])  # its step, in flight, is now part of the conversation
-                logits, inflight = inflight.logits, None
-                y = sampler.sample(logits, generated)
-                inflight = _launch_step(model, pc, y, step, rope_delta)
+                token = source.next(generated)
             events = []
             if not stopped_by_string:
                 tail, stopped_by_string = stopper.feed(detok.finalize())
@@ -341,8 +389,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
                 finish = "tool_calls"
             yield GenerationChunk("", None, parser.phase, finish_reason=finish, **live())
         finally:
-            if inflight is not None:
-                restore_cache(pc.cache, inflight.before)
+            source.close()
             pc.mark()
 
 
@@ -366,5 +413,6 @@ def generate(model: Model, processor: Any, prompt_or_messages: str | Sequence[An
         reasoning="".join(parts[REASONING]), content="".join(parts[CONTENT]), tool_calls=calls,
         finish_reason=last.finish_reason, tokens=tokens, prompt_tokens=last.prompt_tokens,
         cached_tokens=last.cached_tokens, prompt_tps=last.prompt_tps, generation_tps=last.generation_tps,
-        peak_memory_gb=last.peak_memory_gb,
+        peak_memory_gb=last.peak_memory_gb, draft_acceptance=last.draft_acceptance,
+        tokens_per_forward=last.tokens_per_forward,
     )

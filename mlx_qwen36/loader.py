@@ -216,8 +216,12 @@ def _quantize(model: Model, weights: dict[str, mx.array], quant: tuple[dict, dic
 
 
 def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtype | str | None = None,
-               lazy: bool = False) -> Model:
+               lazy: bool = False, mtp: bool = False) -> Model:
     """Build the model of a checkpoint and load its weights, keeping the checkpoint's dtype unless `dtype` is given.
+
+    `mtp=True` also builds the multi-token-prediction head (`model.mtp`, ~0.85 B parameters in the 35B-A3B) from the
+    checkpoint's `mtp.*` weights, for speculative decoding (`stream_generate(..., draft_tokens=k)`); without it
+    those weights are not read. A checkpoint without them then raises CheckpointError.
 
     Weights stay memory-mapped-lazy until evaluated: the peak while loading is about one copy of the weights.
     """
@@ -243,9 +247,14 @@ def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtyp
     # The vision tower is built when asked for and the checkpoint has one (mlx-lm conversions drop it); its
     # weights are then validated like the text ones. text_only=True builds no tower and skips its weights.
     vision = not text_only and config.vision is not None and any(k.startswith("visual.") for k in weights)
-    model = Model(config, mtp_layers=mtp_layer_count(list(weights), config), vision=vision)
-    if not vision:
-        weights = {k: v for k, v in weights.items() if not k.startswith("visual.")}
+    mtp_layers = mtp_layer_count(list(weights), config) if mtp else 0
+    if mtp and not mtp_layers:
+        raise CheckpointError(f"{folder}: mtp=True, but the checkpoint has no MTP head (no mtp.* tensors; mlx-lm and "
+                              "mlx-vlm conversions drop it: convert the HF checkpoint with python -m "
+                              "mlx_qwen36.convert)")
+    model = Model(config, mtp_layers=mtp_layers, vision=vision)
+    dropped = tuple(prefix for prefix, kept in (("visual.", vision), ("mtp.", mtp)) if not kept)
+    weights = {k: v for k, v in weights.items() if not k.startswith(dropped)}
     if (quant := quantization_of(config)) is not None:
         _quantize(model, weights, quant)
     check_against_model(model, weights, sources, origin)
@@ -265,12 +274,13 @@ def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtyp
 
 
 def load(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtype | str | None = None,
-         lazy: bool = False) -> tuple[Model, Any]:
-    """`model, processor = load(path_or_repo)`: the model and its tokenizer/chat-template processor."""
+         lazy: bool = False, mtp: bool = False) -> tuple[Model, Any]:
+    """`model, processor = load(path_or_repo)`: the model and its tokenizer/chat-template processor (`mtp=True`:
+    with the MTP head, for speculative decoding)."""
     from .processor import load_processor
 
     folder = resolve_model_path(path_or_repo)
-    model = load_model(folder, text_only=text_only, dtype=dtype, lazy=lazy)
+    model = load_model(folder, text_only=text_only, dtype=dtype, lazy=lazy, mtp=mtp)
     return model, load_processor(folder)
 
 

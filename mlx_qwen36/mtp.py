@@ -29,10 +29,14 @@ class MTP(nn.Module):
         return [KVCache() for _ in self.layers]
 
     def __call__(
-        self, hidden: mx.array, next_embeddings: mx.array, cache: list[KVCache] | None = None, step: int = 0
+        self, hidden: mx.array, next_embeddings: mx.array, cache: list[KVCache] | None = None, step: int = 0,
+        position_ids: mx.array | None = None,
     ) -> mx.array:
-        """hidden, next_embeddings: [B, T, H] -> the MTP's normed hidden state [B, T, H] (feed it to lm_head)."""
+        """hidden, next_embeddings: [B, T, H] -> the MTP's normed hidden state [B, T, H] (feed it to lm_head).
+
+        `position_ids` [3, B, T]: the positions of `hidden`'s tokens (the main model's), needed once the MTP cache
+        does not start at position 0 (speculative decoding fills it from where a turn's prompt is new)."""
         x = mx.concatenate([self.pre_fc_norm_embedding(next_embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1)
         i = step % len(self.layers)
-        x = self.layers[i](self.fc(x), cache[i] if cache is not None else None)
+        x = self.layers[i](self.fc(x), cache[i] if cache is not None else None, position_ids)
         return self.norm(x)

@@ -126,3 +126,8 @@ def text_position_ids(start: int | mx.array, length: int, rope_deltas: int | mx.
     pos = mx.arange(length, dtype=mx.int32) + start
     pos = pos[None, :] + deltas[:, None]  # [B or 1, length]
     return mx.broadcast_to(pos[None], (3, B, length))
+
+
+def no_delta(rope_deltas: int | mx.array) -> bool:
+    """Whether every row's rope delta is 0 (text positions are then the cache indices themselves)."""
+    return not bool(mx.any(mx.array(rope_deltas) != 0).item())

@@ -311,6 +311,22 @@ class Sampler:
         """The next token id as an int."""
         return int(self.sample(logits, generated).item())
 
+    def probabilities(self, logits: mx.array, generated: TokenIds = ()) -> mx.array:
+        """The distribution `sample` draws from after `generated`, float32 [vocab] (greedy: one-hot at the argmax):
+        what speculative decoding's rejection sampling compares."""
+        logits = self._penalised(_as_vector(logits), generated)
+        if self.params.greedy:
+            return (mx.arange(logits.shape[-1]) == mx.argmax(logits)).astype(mx.float32)
+        return mx.softmax(filter_logits(logits, self.params), axis=-1)
+
+    def draw(self, probs: mx.array) -> mx.array:
+        """A token from `probs` [vocab] (lazy), with this sampler's PRNG key."""
+        return mx.random.categorical(mx.log(probs), key=self._next_key())
+
+    def uniform(self) -> mx.array:
+        """A uniform draw in [0, 1) (lazy), with this sampler's PRNG key."""
+        return mx.random.uniform(key=self._next_key())
+
     def _penalised(self, logits: mx.array, generated: TokenIds) -> mx.array:
         p = self.params
         if p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty:

@@ -96,7 +96,7 @@ def test_quantization_rules(converted):
     assert q["language_model.model.layers.0.mlp.shared_expert_gate"]["bits"] == 8
     assert q["mtp.layers.0.mlp.gate"]["bits"] == 8
 
-    model = load_model(converted["q4"])
+    model = load_model(converted["q4"], mtp=True)
     layer = model.model.layers[0]
     assert layer.mlp.gate.bits == 8 and layer.mlp.shared_expert_gate.bits == 8
     assert isinstance(layer.mlp.experts.gate_up_proj, QuantizedSwitchLinear)
@@ -148,8 +148,10 @@ def test_small_shards(source, tmp_path):
 
 
 def test_drop_mtp(source, tmp_path):
-    model = load_model(convert(source, tmp_path / "out", drop_mtp=True).path)
-    assert "mtp" not in model
+    out = convert(source, tmp_path / "out", drop_mtp=True).path
+    assert "mtp" not in load_model(out)
+    with pytest.raises(CheckpointError, match="no MTP head"):
+        load_model(out, mtp=True)
 
 
 def test_float16_dtype(source, tmp_path):

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
+from scripted import Scripted
 
 from mlx_qwen36 import load
 from mlx_qwen36.tool_parser import ToolCall
@@ -71,21 +71,6 @@ def test_run_tool_dispatch(stream_tools):
     assert "TypeError" in json.loads(stream_tools.run_tool(ToolCall("add", {"a": 1})))["error"]
     names = {t["function"]["name"] for t in stream_tools.TOOLS}
     assert names == set(stream_tools.FUNCTIONS)
-
-
-class Scripted:
-    """The tiny model's cache and state, but logits that force a scripted token sequence."""
-
-    def __init__(self, real, tokens: list[int]):
-        self.real, self.tokens, self.config, self.model = real, list(tokens), real.config, real.model
-
-    def make_cache(self):
-        return self.real.make_cache()
-
-    def __call__(self, x, cache=None, **kwargs):
-        self.real(x, cache, **kwargs)
-        nxt = self.tokens.pop(0) if self.tokens else 0
-        return mx.zeros((1, x.shape[1], self.config.text.vocab_size)).at[:, -1, nxt].add(100.0)
 
 
 def test_tool_loop_runs_tools_and_reuses_cache(stream_tools, chat_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from scripted import Scripted
 
 import mlx_qwen36.generator as gen
 from mlx_qwen36 import generate, load_model, make_prompt_cache, stream_generate
@@ -26,25 +27,6 @@ def chat(chat_dir):
 def reference_chat(tiny, chat):
     """The transformers-built tiny model (vocab 512) with the real processor, for raw-token-id prompts."""
     return load_model(tiny["moe"]["hf"]), chat[1]
-
-
-class Scripted:
-    """The tiny model's cache and state, but logits that force a scripted token sequence (to test the plumbing)."""
-
-    def __init__(self, real, tokens: list[int]):
-        self.real, self.tokens, self.config = real, list(tokens), real.config
-        self.model = real.model
-        self.calls = 0
-
-    def make_cache(self):
-        return self.real.make_cache()
-
-    def __call__(self, x, cache=None, **kwargs):
-        self.real(x, cache, **kwargs)
-        self.calls += 1
-        logits = mx.zeros((1, x.shape[1], 248320))
-        nxt = self.tokens.pop(0) if self.tokens else 0
-        return logits.at[:, -1, nxt].add(100.0)
 
 
 def test_greedy_equals_reference(reference_chat, tiny):
@@ -239,8 +221,8 @@ def test_prefill_chunks_end_on_message_boundaries(chat, monkeypatch):
     model, processor = chat
     seen = []
     real = gen._atomic_step
-    monkeypatch.setattr(gen, "_atomic_step", lambda m, pc, tokens, logits, *a, **k: seen.append(list(tokens)) or
-                        real(m, pc, tokens, logits, *a, **k))
+    monkeypatch.setattr(gen, "_atomic_step", lambda m, pc, tokens, *a, **k: seen.append(list(tokens)) or
+                        real(m, pc, tokens, *a, **k))
     messages = [{"role": "system", "content": "Be brief and helpful to the user."},
                 {"role": "user", "content": "Hello there, how are you today?"}]
     ids, _ = gen.build_prompt(processor, messages, None, True, False)

@@ -196,14 +196,15 @@ def test_text_only_prefix_layout(tiny, tmp_path):
     assert np.abs(run(load_model(tmp_path), g["input_ids"]) - g["logits_fp32"]).max() <= FP32_TOL
 
 
-def test_text_only_skips_vision_and_keeps_mtp(tiny):
-    model = load_model(tiny["moe"]["release"], text_only=True)
+def test_text_only_skips_vision_and_mtp_is_built_only_when_asked(tiny):
+    assert "mtp" not in load_model(tiny["moe"]["release"])
+    model = load_model(tiny["moe"]["release"], text_only=True, mtp=True)
     assert "visual" not in model
     assert model.mtp.layers[0].mlp.experts.gate_up_proj.weight.shape == (8, 64, 64)
 
 
 def test_mtp_head_runs(tiny):
-    model = load_model(tiny["moe"]["release"], dtype=mx.float32)
+    model = load_model(tiny["moe"]["release"], dtype=mx.float32, mtp=True)
     ids = mx.array(tiny["moe"]["golden"]["input_ids"])
     hidden = model.model(ids)
     draft = model.logits(model.mtp(hidden[:, :-1], model.model.embed_tokens(ids[:, 1:]), model.mtp.make_cache()))
