@@ -54,7 +54,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import graph, kernel_check, synthetic
+from . import graph, kernel_check, spec_bench, synthetic
 from .config import ModelConfig
 from .convert.hf import keeps_fp32
 from .fast import make_decode_step
@@ -99,12 +99,13 @@ class Progress:
 # models
 
 
-def synthetic_model(preset: str, overrides: dict[str, Any], dtype: mx.Dtype, seed: int) -> tuple[Model, dict]:
-    """A random-weight model of a `synthetic` preset with `overrides`, built in memory."""
+def synthetic_model(preset: str, overrides: dict[str, Any], dtype: mx.Dtype, seed: int,
+                    mtp: bool = False) -> tuple[Model, dict]:
+    """A random-weight model of a `synthetic` preset with `overrides`, built in memory (with `mtp`, its MTP head)."""
     text = synthetic.text_config(preset, **overrides)
     mx.random.seed(seed)
     model = Model(ModelConfig.from_dict({"model_type": "qwen3_5_moe" if text.get("num_experts") else "qwen3_5",
-                                         "text_config": text}))
+                                         "text_config": text}), mtp_layers=1 if mtp else 0)
     if dtype != mx.float32:  # as the loader casts: A_log, dt_bias and zero-centred norms stay fp32
         model.update(tree_unflatten([(k, w if keeps_fp32(k) else w.astype(dtype))
                                      for k, w in tree_flatten(model.parameters())]))
@@ -127,10 +128,10 @@ def quantize(model: nn.Module, bits: int, group_size: int) -> None:
     mx.eval(model.parameters())
 
 
-def loaded_model(path: str, dtype: mx.Dtype) -> tuple[Model, dict]:
+def loaded_model(path: str, dtype: mx.Dtype, mtp: bool = False) -> tuple[Model, dict]:
     from .loader import load_model
 
-    model = load_model(path, text_only=True, dtype=dtype)
+    model = load_model(path, text_only=True, dtype=dtype, mtp=mtp)
     raw = model.config.raw
     return model, dict(raw.get("text_config", raw))
 
@@ -572,11 +573,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(total=2 + (len(lengths) + 2) * (2 if compare else 1), enabled=not args.quiet)
     progress.show("building the model")
     if args.model:
-        model, text = loaded_model(args.model, dtype)
+        model, text = loaded_model(args.model, dtype, mtp=args.mtp)
         source = {"model": args.model}
     else:
         overrides = parse_overrides(args)
-        model, text = synthetic_model(args.synthetic, overrides, dtype, args.seed)
+        model, text = synthetic_model(args.synthetic, overrides, dtype, args.seed, mtp=args.mtp)
         source = {"synthetic": args.synthetic, "overrides": overrides}
     progress.step("model ready")
     cfg = model.config.text
@@ -606,6 +607,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ours = Ours(model, compiled=not args.no_compile, chunk=args.prefill_chunk)
     our_logits = first_logits(ours, check_ids)
     results[OURS] = measure(ours, prompts, args.decode_tokens, progress)
+    mtp = None
+    if args.mtp:
+        progress.show("measuring MTP speculation")
+        mtp = spec_bench.measure_mtp(model, [int(t) for t in prompts[lengths[0]][0].tolist()], args.decode_tokens)
     progress.step("measuring bandwidth")
     bandwidth = memory_bandwidth()
     progress.close()
@@ -623,6 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "mlx_lm_prefill_step": args.mlx_lm_prefill_step if compare else None},
         "memory_bandwidth_gbs": bandwidth,
         "weight_bytes_per_token": per_token,
+        "mtp": mtp,
     }
     for key in ("dispatches_per_token", "host_us_per_token", "prefill_tokens_per_s", "decode_tokens_per_s",
                 "decode_sync_tokens_per_s", "ttft_s", "peak_memory_gb"):
@@ -703,7 +709,8 @@ def markdown(report: dict) -> str:
     if "max_abs_logit_diff" in report:
         diff = report["max_abs_logit_diff"]
         lines += ["", f"Max |logit difference| between the two on the same weights: {diff:.2e}."]
-    return "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n"
+    return table + spec_bench.markdown(report["mtp"]) if report.get("mtp") else table
 
 
 def nice_step(top: float, ticks: int = 5) -> float:
@@ -792,6 +799,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
     p.add_argument("--markdown", metavar="PATH", help="also write the markdown table to a file")
     p.add_argument("--plot", metavar="PNG", help="plot prefill tokens/s against prompt length")
+    p.add_argument("--mtp", action="store_true",
+                   help="also measure MTP speculation: draft and verify costs, break-even acceptance, tokens/s "
+                        "plain, at fixed depths and with the adaptive depth (the model gets an MTP head)")
     p.add_argument("--check-kernels", action="store_true",
                    help="only check every custom kernel against its reference (real sizes on a Mac, small ones in "
                         "the emulator elsewhere); bf16, --bits (default 4) and --group-size; fails if any differs")

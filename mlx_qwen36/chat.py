@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cli import add_model_argument, add_sampling_arguments, sampling_kwargs
+from .cli import add_model_argument, add_mtp_argument, add_sampling_arguments, sampling_kwargs, speculation_line
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
 from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
@@ -109,7 +109,8 @@ class Session:
             return "no answer yet"
         return (f"[{c.prompt_tokens} prompt tokens ({c.cached_tokens} cached), {c.prompt_tps:.1f} tok/s prefill | "
                 f"{c.generation_tokens} tokens, {c.generation_tps:.1f} tok/s | peak {c.peak_memory_gb:.2f} GB | "
-                f"{c.finish_reason or 'interrupted'}]")
+                f"{c.finish_reason or 'interrupted'}"
+                + (f" | {line}" if (line := speculation_line(c)) else "") + "]")
 
     def attach(self, kind: str, path: Path) -> None:
         """Queue an image or video for the next message (checked now, so a typo is caught before asking)."""
@@ -216,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
                    help="keep past reasoning in the conversation (reuses the whole history from the cache)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--system", default=None, help="system prompt")
+    add_mtp_argument(p)
     return p
 
 
@@ -228,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loading {args.model} ...", flush=True)
     start = time.perf_counter()
     try:
-        model, processor = load(args.model)
+        model, processor = load(args.model, mtp=args.mtp is not None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    sampling = sampling_kwargs(args)
+    sampling = dict(sampling_kwargs(args), draft_tokens=args.mtp)
     session = Session(model, processor, sampling, max_tokens=args.max_tokens, system=args.system,
                       think=not args.no_think, preserve_thinking=args.preserve_thinking,
                       show_reasoning=not args.hide_reasoning,

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .sampling import PRESETS
+from .speculative import MAX_DEPTH
 
 DEFAULT_MODEL = "mlx-community/Qwen3.6-35B-A3B-4bit"
 
@@ -35,3 +36,32 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"preset": args.preset, "temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
             "min_p": args.min_p, "presence_penalty": args.presence_penalty,
             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def _draft_tokens(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1-{MAX_DEPTH} or auto, got {text!r}") from None
+    if not 1 <= value <= MAX_DEPTH:
+        raise argparse.ArgumentTypeError(f"expected 1-{MAX_DEPTH} or auto, got {value}")
+    return value
+
+
+def add_mtp_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mtp", type=_draft_tokens, nargs="?", const="auto", default=None, metavar="K",
+                   help=f"speculative decoding with the checkpoint's MTP head: at most K (1-{MAX_DEPTH}) drafted "
+                        "tokens per step, or auto (the default K); the depth adapts to what pays, the output is "
+                        "the same")
+
+
+def speculation_line(c: Any) -> str | None:
+    """`MTP: 1.84 tokens per forward, acceptance 0.81 0.58` for a chunk of a speculative generation, else None."""
+    if c.tokens_per_forward is None:
+        return None
+    drafted = [f"{a:.2f}" for a in c.draft_acceptance]
+    while len(drafted) > 1 and drafted[-1] == "0.00":
+        drafted.pop()
+    return f"MTP: {c.tokens_per_forward:.2f} tokens per forward, acceptance by position {' '.join(drafted)}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cli import add_model_argument, add_sampling_arguments, sampling_kwargs
+from .cli import add_model_argument, add_mtp_argument, add_sampling_arguments, sampling_kwargs, speculation_line
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
 from .multimodal import with_media
@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
                    help="tokens to generate at most, reasoning included (default: %(default)s)")
     add_sampling_arguments(p)
+    add_mtp_argument(p)
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning on stderr")
     # One setting, two spellings; the last one given wins.
@@ -60,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `stream_generate` keyword arguments the flags ask for."""
-    return {"max_tokens": args.max_tokens, "enable_thinking": not args.no_think, **sampling_kwargs(args)}
+    return {"max_tokens": args.max_tokens, "enable_thinking": not args.no_think, "draft_tokens": args.mtp,
+            **sampling_kwargs(args)}
 
 
 def read_prompt(prompt: str, stdin: TextIO) -> str:
@@ -136,14 +138,15 @@ def stats(c: GenerationChunk) -> str:
             f"Prompt: {c.prompt_tokens} tokens ({c.cached_tokens} cached), {c.prompt_tps:.3f} tokens-per-sec\n"
             f"Generation: {c.generation_tokens} tokens, {c.generation_tps:.3f} tokens-per-sec\n"
             f"Peak memory: {c.peak_memory_gb:.3f} GB\n"
-            f"Finish reason: {c.finish_reason or 'interrupted'}")
+            + (f"{line}\n" if (line := speculation_line(c)) else "")
+            + f"Finish reason: {c.finish_reason or 'interrupted'}")
 
 
 def run(args: argparse.Namespace, printer: Printer) -> None:
     prompt = read_prompt(args.prompt, sys.stdin)
     check_media_files(args)
     # Without media the vision tower would only take memory (0.875 GB in bf16): the flags say up front.
-    model, processor = load(args.model, text_only=not (args.image or args.video))
+    model, processor = load(args.model, text_only=not (args.image or args.video), mtp=args.mtp is not None)
     last = None
     try:
         for chunk in stream_generate(model, processor, messages(prompt, args), **generation_kwargs(args)):

@@ -283,7 +283,7 @@ def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable 
     return _InFlight(logits, before)
 
 
-class _PlainDecoder:
+class PlainDecoder:
     """The token source of plain decoding. It keeps one step in flight: the step that feeds token t is queued
     before t is read back, so the device computes it while the host detokenizes, parses and yields t (one host
     sync per token, `item()`). `close()` drops the step still in flight: the cache then holds the prompt and every
@@ -325,7 +325,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
     if draft_depth:
         source: Any = SpeculativeDecoder(model, pc, sampler, draft_depth, rope_delta)
     else:
-        source = _PlainDecoder(model, pc, sampler, rope_delta)
+        source = PlainDecoder(model, pc, sampler, rope_delta)
     cached = pc.reuse(model, media.keys if media is not None else ids)
     logits = prefill(model, pc, ids, cached, chunk_size, media,
                      on_hidden=source.prompt_chunk if draft_depth else None)

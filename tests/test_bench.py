@@ -131,3 +131,30 @@ def test_mac_graph_with_kernels_is_a_quarter_of_mlx_lms_launches():
     assert kernels_on["dispatches"] <= 0.25 * theirs["dispatches"], (kernels_on["dispatches"], theirs["dispatches"])
     assert pure["dispatches"] > 3 * kernels_on["dispatches"]
     assert 0 < kernels_on["bytes"] < pure["bytes"]
+
+
+def test_mtp_measurement_reports_costs_break_even_and_speeds():
+    from mlx_qwen36 import spec_bench
+
+    model, _ = bench.synthetic_model("tiny", {}, mx.float32, 0, mtp=True)
+    r = spec_bench.measure_mtp(model, list(range(5, 21)), 12, depths=range(1, 3))
+    assert r["greedy_identical"]
+    assert r["plain_ms"] > 0 and r["draft_ms"] > 0 and set(r["verify_ms"]) == {1, 2}
+    for m, be in r["break_even_acceptance"].items():
+        assert be is None or 0 < be <= 1
+        speeds = [r["projected_tokens_per_s"][m][a] for a in spec_bench.RATES]
+        assert speeds == sorted(speeds)  # more acceptance, more speed
+    assert r["plain_tokens_per_s"] > 0 and r["auto_tokens_per_s"] > 0 and r["auto_first_tokens_per_s"] > 0
+    assert set(r["fixed_depth_tokens_per_s"]) == {1, 2}
+    assert r["fixed_depth_acceptance"][2][:2] == [0.0, 0.0]  # random MTP weights: every draft rejected
+    table = spec_bench.markdown(r)
+    assert "| depth m | verify of m+1 tokens (ms) | break-even acceptance |" in table and "| auto (" in table
+
+
+def test_break_even_acceptance():
+    from mlx_qwen36 import spec_bench
+
+    c = {"plain_s": 1.0, "draft_s": 0.1, "verify_s": {1: 1.1, 2: 1.2, 3: 3.9}}
+    assert abs(spec_bench.break_even(c, 1) - 0.2) < 1e-6  # 1 + a = 1.2
+    assert abs(spec_bench.break_even(c, 2) - (-1 + 2.6**0.5) / 2) < 1e-6  # 1 + a + a^2 = 1.4
+    assert spec_bench.break_even(c, 3) is None  # 4.2 plain steps for at most 4 tokens: never pays

@@ -37,13 +37,15 @@ def checkpoint(request, tmp_path_factory, shared_dir):
     return chat_model(tmp_path_factory, shared_dir, **dense)
 
 
-def perfect(path):
-    """The model with every mixer and FFN output zeroed (each hidden state is its token's normed embedding, so the
-    next token is a fixed function of the current one) and an MTP head that computes the same function from the
-    next token's embedding: every draft is right."""
+def markov(path, perfect_mtp=True):
+    """The model with every mixer and FFN output zeroed: each hidden state is its token's normed embedding, so the
+    next token's distribution depends on the current token only; with `perfect_mtp` the MTP head computes the same
+    from the next token's embedding."""
     model, processor = load(path, mtp=True, lazy=True)
 
     def rule(name, w):
+        if name.startswith("mtp.") and not perfect_mtp:
+            return w
         if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
             return mx.zeros_like(w)
         if name == "mtp.fc.weight":
@@ -56,6 +58,11 @@ def perfect(path):
     model.update(tree_unflatten([(k, rule(k, w)) for k, w in tree_flatten(model.parameters())]))
     mx.eval(model.parameters())
     return model, processor
+
+
+def perfect(path):
+    """A model whose MTP drafts are always right (see `markov`)."""
+    return markov(path)
 
 
 @pytest.fixture
@@ -152,6 +159,40 @@ def test_sampling_runs_and_reports_statistics(checkpoint):
 # --- rejection sampling -------------------------------------------------------------------------------------------
 
 
+def test_sampled_tokens_keep_the_models_distribution(checkpoint, fixed_depth):
+    """End to end on a tiny model whose next-token distribution p(b | a) depends on the current token only, with a
+    random MTP head (its drafts mostly rejected, so the residual distribution is what gets sampled): over many
+    seeds, the pairs (first token a, second token b) occur as often as count(a) * p(b | a) predicts (chi-square at
+    the 0.1% level)."""
+    model, processor = markov(checkpoint, perfect_mtp=False)
+    params = {"temperature": 1.0, "top_k": 4, "max_tokens": 2, "draft_tokens": 1, "enable_thinking": False}
+    pairs = {}
+    for seed in range(300):
+        r = generate(model, processor, PROMPT, seed=seed, **params)
+        pairs[tuple(r.tokens)] = pairs.get(tuple(r.tokens), 0) + 1
+    firsts = sorted({a for a, _ in pairs})
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=4))
+    observed, expected = [], []
+    for a in firsts:
+        n_a = sum(n for (x, _), n in pairs.items() if x == a)
+        p = np.array(sampler.probabilities(model.logits(model.model(mx.array([[a]])))[0, -1]))
+        for b in np.flatnonzero(p):
+            observed.append(pairs.get((a, int(b)), 0))
+            expected.append(n_a * p[b])
+    assert sum(observed) == 300  # no pair outside the model's support
+    observed, expected = np.array(observed), np.array(expected)
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = len(expected) - len(firsts)
+    assert stat < chi2_999(dof), (stat, dof)
+
+
+def chi2_999(dof: int) -> float:
+    """The chi-square distribution's 99.9% quantile (Wilson-Hilferty: within 2% for dof >= 3)."""
+    z, k = 3.0902, float(dof)
+    return k * (1 - 2 / (9 * k) + z * (2 / (9 * k)) ** 0.5) ** 3
+
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=1),
                                     SamplingParams(temperature=0.7, top_p=0.8, seed=2)])
 def test_rejection_sampling_keeps_the_target_distribution(params):
@@ -177,7 +218,7 @@ def test_rejection_sampling_keeps_the_target_distribution(params):
         keep = expected > 0
         assert counts[~keep].sum() == 0  # nothing outside the target's support
         chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum()
-        assert chi2 < 20.5, (chi2, counts, expected)  # chi-square, 5 degrees of freedom, p = 0.001
+        assert chi2 < chi2_999(keep.sum() - 1), (chi2, counts, expected)
 
 
 def test_greedy_acceptance_is_the_longest_matching_prefix():
@@ -194,26 +235,47 @@ def test_greedy_acceptance_is_the_longest_matching_prefix():
 
 def test_depth_follows_acceptance_and_cost():
     c = spec.DepthController(4)
-    assert c.depth() == 0  # first a plain step, to measure it
-    c.observe_plain(1.0)
-    assert c.depth() == 1  # then one draft, to measure drafting and verifying
-    for _ in range(30):
-        c.observe_round(2, 2, 0.1, 1.2)  # every draft accepted, cheap drafts, verifies near a plain step
-        c.observe_plain(1.0)
-    assert c.depth() == 4
-    for _ in range(30):
-        c.observe_round(1, 0, 0.1, 1.2)  # nothing accepted
+    assert c.depth() == 0 and c.measuring  # first two plain steps, to measure them (the faster counts)
+    c.observe_plain(3.0)
     assert c.depth() == 0
-    depths = [c.depth() for _ in range(2 * spec.PROBE_EVERY)]
-    assert depths.count(1) == 2 and set(depths) == {0, 1}  # probed again now and then
+    c.observe_plain(1.0)
+    assert c.step_s == 1.0
+    assert c.depth() == 1 and c.measuring  # then one draft, to measure drafting and verifying
+    for _ in range(30):
+        c.observe_round(2, 2, 0.2, 1.2, 2, False)  # every draft accepted, cheap drafts, verifies near a plain step
+    assert not c.measuring and c.depth() == 4
+    for _ in range(30):
+        c.observe_round(1, 0, 0.1, 1.2, 1, False)  # nothing accepted
+    assert c.depth() == 0
+    depths = [c.depth() for _ in range(7 * spec.PROBE_EVERY)]  # probed again now and then, less and less often
+    probes = [i + 1 for i, d in enumerate(depths) if d == 1]
+    assert set(depths) == {0, 1} and np.diff(probes).tolist() == [2 * spec.PROBE_EVERY, 4 * spec.PROBE_EVERY]
 
 
 def test_depth_stops_where_drafts_cost_more_than_they_bring():
     c = spec.DepthController(3)
     c.observe_plain(1.0)
+    c.observe_plain(1.0)
     for _ in range(30):
-        c.observe_round(1, 1, 0.8, 1.5)  # always accepted, but a draft costs most of a step
+        c.observe_round(1, 1, 0.8, 1.5, 1, False)  # always accepted, but a draft costs most of a step
     assert c.depth() == 0
+
+
+def test_a_gate_that_always_stops_drafting_turns_speculation_off():
+    c = spec.DepthController(3)
+    c.observe_plain(1.0)
+    c.observe_plain(1.0)
+    for _ in range(30):
+        c.observe_round(0, 0, 0.1, 1.0, 1, True)  # the MTP is never confident: one step paid, nothing drafted
+    assert not c.measuring and c.depth() == 0
+
+
+def test_the_controller_is_kept_across_generations(checkpoint):
+    model, processor = load(checkpoint, mtp=True)
+    generate(model, processor, PROMPT, max_tokens=6, temperature=0, draft_tokens=2)
+    kept = spec.controller(model, 2)
+    assert kept.plain_seen >= 1  # the first generation measured a plain step
+    assert spec.controller(model, 2) is kept and spec.controller(model, 3) is not kept
 
 
 def test_fixed_depth_without_adaptation():
@@ -232,3 +294,49 @@ def test_draft_tokens_needs_the_mtp_head_and_a_valid_value(checkpoint):
         with pytest.raises(ValueError, match="draft_tokens"):
             spec.parse_draft_tokens(bad)
     assert spec.parse_draft_tokens("auto") == spec.AUTO_DEPTH and spec.parse_draft_tokens(0) is None
+
+
+# --- images, and the command lines ----------------------------------------------------------------------------
+
+
+def test_greedy_identical_after_an_image(tmp_path_factory, shared_dir, fixed_depth):
+    """Text after an image sits at M-RoPE positions shifted by the image: drafts, verification and the MTP's
+    positions follow them."""
+    from PIL import Image
+    from tokenizer_fixture import qwen36_processor_dir_or_skip
+
+    out = tmp_path_factory.mktemp("spec-vl") / "m"
+    text = synthetic.text_config("tiny", vocab_size=248320, mtp_num_hidden_layers=1)
+    synthetic.write_checkpoint(out, text, dtype=mx.float32,
+                               vision=synthetic.vision_config("tiny", text["hidden_size"]))
+    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    picture = out / "picture.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(picture)
+    model, processor = load(out, mtp=True)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(picture)}},
+                                             {"type": "text", "text": "What is this?"}]}]
+    want = generate(model, processor, messages, max_tokens=10, temperature=0)
+    got = generate(model, processor, messages, max_tokens=10, temperature=0, draft_tokens=3)
+    assert got.tokens == want.tokens
+
+
+def test_command_lines_take_mtp(checkpoint, capsys):
+    import importlib
+
+    from mlx_qwen36 import chat
+
+    cli = importlib.import_module("mlx_qwen36.generate")
+    args = ["--model", str(checkpoint), "--prompt", PROMPT, "--temp", "0", "--max-tokens", "8", "--no-think"]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr()
+    assert cli.main([*args, "--mtp", "2"]) == 0
+    with_mtp = capsys.readouterr()
+    assert with_mtp.out == plain.out
+    assert "MTP:" in with_mtp.err and "tokens per forward" in with_mtp.err and "MTP:" not in plain.err
+    assert chat.parser().parse_args(["--mtp"]).mtp == "auto"
+    assert chat.parser().parse_args(["--mtp", "3"]).mtp == 3
+    assert chat.parser().parse_args([]).mtp is None
+    with pytest.raises(SystemExit):
+        chat.parser().parse_args(["--mtp", "9"])
+    assert "argument --mtp: expected 1-4 or auto, got 9" in capsys.readouterr().err
