@@ -89,3 +89,11 @@ def chat_dir(shared_dir, tmp_path_factory) -> Path:
     from tokenizer_fixture import write_chat_checkpoint
 
     return write_chat_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-moe", shared_dir)
+
+
+@pytest.fixture(scope="session")
+def mtp_chat_dir(shared_dir, tmp_path_factory) -> Path:
+    """`chat_dir`'s model with an MTP head, for speculative decoding."""
+    from tokenizer_fixture import write_chat_checkpoint
+
+    return write_chat_checkpoint(tmp_path_factory.mktemp("chat-mtp") / "tiny-moe", shared_dir, mtp_num_hidden_layers=1)

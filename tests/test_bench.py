@@ -148,7 +148,8 @@ def test_mtp_measurement_reports_costs_break_even_and_speeds():
     assert set(r["fixed_depth_tokens_per_s"]) == {1, 2}
     assert r["fixed_depth_acceptance"][2][:2] == [0.0, 0.0]  # random MTP weights: every draft rejected
     table = spec_bench.markdown(r)
-    assert "| depth m | verify of m+1 tokens (ms) | break-even acceptance |" in table and "| auto (" in table
+    assert "| depth m | verify of m+1 tokens (ms) | break-even acceptance |" in table
+    assert "| auto, next generation (" in table
 
 
 def test_break_even_acceptance():

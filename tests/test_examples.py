@@ -54,6 +54,16 @@ def test_generate_script(model_env):
                      r"finish: length \| peak memory: [\d.]+ GB", out), out
 
 
+def test_generate_script_with_mtp(mtp_chat_dir, monkeypatch):
+    monkeypatch.setenv("MLX_QWEN36_MODEL", str(mtp_chat_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    env = dict(os.environ)
+    plain = run_script("generate.py", "--max-tokens", "8", "--temperature", "0", "Say hi.", env=env)
+    out = run_script("generate.py", "--max-tokens", "8", "--temperature", "0", "--mtp", "2", "Say hi.", env=env)
+    assert out.split("=== stats ===")[0] == plain.split("=== stats ===")[0]  # the same reasoning and answer
+    assert re.search(r"^MTP: [\d.]+ tokens per forward, acceptance by position [\d. ]+$", out, re.M), out
+
+
 def test_stream_tools_script(model_env):
     out = run_script("stream_tools.py", "--max-tokens", "8", "--max-rounds", "2", env=model_env)
     assert "[thinking]" in out

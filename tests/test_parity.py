@@ -86,7 +86,7 @@ def test_fp32_logits_match_reference(tiny, kind):
 def test_release_layout_upcast_matches_reference(tiny, kind):
     """Sharded bf16 release layout (fused experts, nested release config, mtp.*), run in fp32."""
     g = tiny[kind]["golden"]
-    model = load_model(tiny[kind]["release"], dtype=mx.float32)
+    model = load_model(tiny[kind]["release"], dtype=mx.float32, mtp=True)
     assert "mtp" in model
     assert np.abs(run(model, g["input_ids"]) - g["logits_release_fp32"]).max() <= FP32_TOL
 

@@ -20,21 +20,14 @@ from mlx_qwen36.sampling import Sampler, SamplingParams
 PROMPT = "Tell me something about the sea."
 
 
-def chat_model(tmp_path_factory, shared_dir, **overrides):
-    from tokenizer_fixture import qwen36_processor_dir_or_skip
-
-    out = tmp_path_factory.mktemp("spec") / "m"
-    cfg = synthetic.text_config("tiny", vocab_size=248320, mtp_num_hidden_layers=1, **overrides)
-    synthetic.write_checkpoint(out, cfg, dtype=mx.float32)
-    for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture(scope="module", params=["moe", "dense"])
-def checkpoint(request, tmp_path_factory, shared_dir):
-    dense = {"num_experts": 0, "intermediate_size": 64} if request.param == "dense" else {}
-    return chat_model(tmp_path_factory, shared_dir, **dense)
+def checkpoint(request, mtp_chat_dir, tmp_path_factory, shared_dir):
+    if request.param == "moe":
+        return mtp_chat_dir
+    from tokenizer_fixture import write_chat_checkpoint
+
+    return write_chat_checkpoint(tmp_path_factory.mktemp("spec-dense") / "m", shared_dir, mtp_num_hidden_layers=1,
+                                 num_experts=0, intermediate_size=64)
 
 
 def markov(path, perfect_mtp=True):

@@ -218,15 +218,16 @@ def qwen36_processor_dir(shared_dir: Path) -> Path:
     return qwen36_processor_dir_or_skip(shared_dir)
 
 
-def write_chat_checkpoint(out: Path, shared_dir: Path) -> Path:
+def write_chat_checkpoint(out: Path, shared_dir: Path, **overrides) -> Path:
     """A tiny random MoE checkpoint with the real vocabulary, tokenizer and chat template in `out`: what the
-    generator, chat and CLI tests run on (and CI's newcomer check, through `python tests/tokenizer_fixture.py`)."""
+    generator, chat and CLI tests run on (and CI's newcomer check, through `python tests/tokenizer_fixture.py`).
+    `overrides` change text_config fields (`mtp_num_hidden_layers=1`: with an MTP head)."""
     import mlx.core as mx
 
     from mlx_qwen36 import synthetic
 
     out = Path(out)
-    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320), dtype=mx.float32)
+    synthetic.write_checkpoint(out, synthetic.text_config("tiny", vocab_size=248320, **overrides), dtype=mx.float32)
     for f in qwen36_processor_dir_or_skip(shared_dir).iterdir():
         shutil.copy(f, out / f.name)
     return out
