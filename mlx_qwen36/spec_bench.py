@@ -22,22 +22,13 @@ from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .fast import decode_step
 from .generator import PlainDecoder, prefill
+from .ops.kernels import measure
 from .positions import text_position_ids
 from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def _best(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def costs(model: Any, prompt: list[int], depths: range, repeats: int = 3) -> dict[str, Any]:
@@ -73,8 +64,8 @@ def costs(model: Any, prompt: list[int], depths: range, repeats: int = 3) -> dic
         for c, o in zip(mtp_cache, offsets):
             c.restore(o)
 
-    return {"plain_s": _best(plain, repeats), "draft_s": _best(draft, repeats),
-            "verify_s": {m: _best(lambda m=m: verify(m), repeats) for m in depths}}
+    return {"plain_s": measure(plain, (), repeats), "draft_s": measure(draft, (), repeats),
+            "verify_s": {m: measure(lambda m=m: verify(m), (), repeats) for m in depths}}
 
 
 def break_even(c: dict[str, Any], m: int) -> float | None:
