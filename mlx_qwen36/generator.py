@@ -55,6 +55,7 @@ class GenerationChunk:
     peak_memory_gb: float = 0.0
     draft_acceptance: list[float] | None = None  # speculative decoding: acceptance rate per draft position
     tokens_per_forward: float | None = None  # speculative decoding: tokens per main-model forward
+    stop_string: str | None = None  # on the final chunk: the stop string that ended the reply, if one did
 
 
 @dataclass
@@ -79,14 +80,16 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.matched: str | None = None  # the stop string that ended the stream
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.held.find(s)) >= 0]
         if hits:
-            out, self.held = self.held[: min(hits)], ""
+            first, self.matched = min(hits)
+            out, self.held = self.held[:first], ""
             return out, True
         keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
         out = self.held[: len(self.held) - keep]
@@ -387,7 +390,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
                 yield from chunks(events, None)
             if saw_tool_call and finish == "stop":
                 finish = "tool_calls"
-            yield GenerationChunk("", None, parser.phase, finish_reason=finish, **live())
+            yield GenerationChunk("", None, parser.phase, finish_reason=finish, stop_string=stopper.matched, **live())
         finally:
             source.close()
             pc.mark()

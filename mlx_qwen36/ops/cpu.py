@@ -17,6 +17,7 @@ Nothing here is used off the CPU: the op layer (`mlx_qwen36.ops`) calls these on
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -82,7 +83,7 @@ def gather_matmul_fp32(x: mx.array, weight: mx.array, indices: mx.array, sorted_
 
 MIN_SPLIT_ROWS = 16  # matmuls with fewer rows than twice this stay on one thread
 SPLIT_GEMV_BYTES = 128 << 20  # one-row matmuls split their weight above this size (the lm_head)
-_worker: list[mx.Stream] = []
+_worker = threading.local()  # per thread: MLX streams belong to the thread that made them
 
 
 def worker_stream() -> mx.Stream | None:
@@ -92,9 +93,10 @@ def worker_stream() -> mx.Stream | None:
     if (mx.default_device() != mx.cpu or (os.cpu_count() or 1) < 2 or os.environ.get("MLX_QWEN36_CPU_THREADS") == "1"
             or kernels.metal_graph()):
         return None
-    if not _worker:
-        _worker.append(mx.new_stream(mx.cpu))
-    return _worker[0]
+    stream = getattr(_worker, "stream", None)
+    if stream is None:
+        stream = _worker.stream = mx.new_stream(mx.cpu)
+    return stream
 
 
 def split_rows(fn: Callable[..., mx.array], *arrays: mx.array) -> mx.array:
@@ -130,6 +132,7 @@ def _store_transposed(module: nn.Module, axes: tuple[int, int]) -> int:
     buf = mx.contiguous(module.weight.swapaxes(*axes))
     mx.eval(buf)
     view = buf.swapaxes(*axes)  # the parameter: same shape and values as before
+    mx.eval(view)  # a view, but still a graph node until evaluated (and graph nodes belong to their thread)
     module.weight = view
     halves = None
     if buf.ndim == 2 and buf.nbytes >= SPLIT_GEMV_BYTES:  # K halves (rows of the [in, out] buffer) for `matmul`
