@@ -163,18 +163,13 @@ class Server:
         out = openai.ChatStream(self.model_id, bool(options.get("include_usage")))
 
         async def events() -> AsyncIterator[str]:
-            try:
-                yield sse(out.start())
-                for chunk in out.chunks(first):
+            yield sse(out.start())
+            async for gen in _chain(first, stream):
+                for chunk in out.chunks(gen):
                     yield sse(chunk)
-                async for gen in stream:
-                    for chunk in out.chunks(gen):
-                        yield sse(chunk)
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()
+            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return event_stream(job, events())
 
     async def completions(self, request: Request) -> Response:
         return await self.handle(request, "openai", self._completions)
@@ -191,15 +186,12 @@ class Server:
             return JSONResponse(out)
 
         async def events() -> AsyncIterator[str]:
-            try:
-                async for gen in _chain(first, stream):
-                    if gen.text or gen.finish_reason:
-                        yield sse(openai.completion_chunk(cid, created, self.model_id, gen.text, gen.finish_reason))
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()
+            async for gen in _chain(first, stream):
+                if gen.text or gen.finish_reason:
+                    yield sse(openai.completion_chunk(cid, created, self.model_id, gen.text, gen.finish_reason))
+            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return event_stream(job, events())
 
     async def messages(self, request: Request) -> Response:
         return await self.handle(request, "anthropic", self._messages)
@@ -213,15 +205,12 @@ class Server:
         out = anthropic.MessageStream(self.model_id)
 
         async def events() -> AsyncIterator[str]:
-            try:
-                yield sse(out.start(first)[1], "message_start")
-                async for gen in _chain(first, stream):
-                    for name, data in out.events(gen):
-                        yield sse(data, name)
-            finally:
-                job.cancel()
+            yield sse(out.start(first)[1], "message_start")
+            async for gen in _chain(first, stream):
+                for name, data in out.events(gen):
+                    yield sse(data, name)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return event_stream(job, events())
 
     async def count_tokens(self, request: Request) -> Response:
         return await self.handle(request, "anthropic", self._count_tokens)
@@ -231,6 +220,18 @@ class Server:
         ids = self.engine.processor.apply_chat_template(messages, tools=tools, enable_thinking=thinking,
                                                         preserve_thinking=True)
         return JSONResponse({"input_tokens": len(ids)})
+
+
+def event_stream(job: Job, lines: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response of `lines`; however it ends (done, or the client gone), the job is cancelled."""
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for line in lines:
+                yield line
+        finally:
+            job.cancel()
+
+    return StreamingResponse(guarded(), media_type="text/event-stream")
 
 
 async def _chain(first: Any, rest: AsyncIterator) -> AsyncIterator[Any]:

@@ -97,3 +97,22 @@ def mtp_chat_dir(shared_dir, tmp_path_factory) -> Path:
     from tokenizer_fixture import write_chat_checkpoint
 
     return write_chat_checkpoint(tmp_path_factory.mktemp("chat-mtp") / "tiny-moe", shared_dir, mtp_num_hidden_layers=1)
+
+
+@pytest.fixture(scope="session")
+def vl_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny vision-language checkpoint (weights only, real vocabulary) and a picture in a folder of its own."""
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    from mlx_qwen36 import synthetic
+
+    folder = tmp_path_factory.mktemp("vl")
+    text = synthetic.text_config("tiny", vocab_size=248320)
+    synthetic.write_checkpoint(folder, text, dtype=mx.float32,
+                               vision=synthetic.vision_config("tiny", text["hidden_size"]))
+    picture = folder / "media" / "picture.png"
+    picture.parent.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(picture)
+    return folder, picture

@@ -10,13 +10,10 @@ import re
 import subprocess
 import sys
 
-import mlx.core as mx
-import numpy as np
 import pytest
-from PIL import Image
 
 import mlx_qwen36
-from mlx_qwen36 import generator, load, load_model, synthetic
+from mlx_qwen36 import generator, load, load_model
 
 cli = importlib.import_module("mlx_qwen36.generate")  # the module: `mlx_qwen36.generate` is the library function
 
@@ -42,15 +39,9 @@ def short_context_dir(chat_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vl(chat, tmp_path_factory):
+def vl(chat, vl_checkpoint):
     """A tiny vision-language model (weights only) with the text model's processor, and a picture."""
-    folder = tmp_path_factory.mktemp("vl")
-    text = synthetic.text_config("tiny", vocab_size=248320)
-    synthetic.write_checkpoint(folder, text, dtype=mx.float32,
-                               vision=synthetic.vision_config("tiny", text["hidden_size"]))
-    picture = folder / "picture.png"
-    rng = np.random.default_rng(0)
-    Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8)).save(picture)
+    folder, picture = vl_checkpoint
     return folder, (load_model(folder), chat[1]), picture
 
 

@@ -15,14 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import anthropic
-import mlx.core as mx
-import numpy as np
 import openai
 import pytest
-from PIL import Image
 from scripted import Scripted
 
-from mlx_qwen36 import load, load_model, synthetic
+from mlx_qwen36 import load, load_model
 from mlx_qwen36.engine import Engine
 from mlx_qwen36.server import Server
 
@@ -244,14 +241,8 @@ def test_stop_sequences_are_reported(chat):
 
 
 @pytest.fixture(scope="module")
-def vl(chat, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("server-vl")
-    text = synthetic.text_config("tiny", vocab_size=248320)
-    synthetic.write_checkpoint(folder, text, dtype=mx.float32,
-                               vision=synthetic.vision_config("tiny", text["hidden_size"]))
-    picture = folder / "media" / "picture.png"
-    picture.parent.mkdir()
-    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(picture)
+def vl(chat, vl_checkpoint):
+    folder, picture = vl_checkpoint
     return load_model(folder), chat[1], picture
 
 
