@@ -4,8 +4,10 @@ a pool of prompt caches so that each conversation's new turn prefills only what 
 A request (`Engine.submit`) carries `stream_generate`'s arguments; its chunks come back through an asyncio queue on
 the caller's loop, ending with `DONE` or the exception that ended it. `Job.cancel()` (a client that went away) stops
 the generation at its next token; the generator's own rollback leaves the prompt cache consistent. The pool holds up
-to `max_caches` prompt caches (agents resend the whole history each turn, with or without past reasoning): a request
-takes the one sharing the longest prefix with its rendered prompt, else the least recently used.
+to `max_caches` prompt caches, within `max_cache_bytes` together (agents resend the whole history each turn, with or
+without past reasoning): a request takes the one sharing the longest prefix with its rendered prompt (if it covers
+half of the shorter of the two: conversations that merely open alike keep a cache each), else a new one, else the
+least recently used.
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, max_caches: int = 4,
-                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES):
+                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES, max_cache_bytes: int | None = None):
         if max_caches < 1:
             raise ValueError(f"max_caches must be >= 1, got {max_caches}")
         self.model, self.processor = model, processor
         _materialize(model)
         self.max_caches, self.max_snapshot_bytes = max_caches, max_snapshot_bytes
+        self.max_cache_bytes = max_cache_bytes  # all the pool's caches together (None: only `max_caches` bounds it)
         self.caches: list[tuple[float, PromptCache]] = []  # (last used, cache)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.finished: deque[Job] = deque(maxlen=64)  # the latest jobs served, for inspection
@@ -104,6 +107,7 @@ class Engine:
                 job.put(error)
             self.finished.append(job)
             self.served += 1
+            self._evict()
 
     def _cache_for(self, job: Job) -> PromptCache:
         """The pool's cache sharing the longest prefix with the job's prompt (else a new one, or the least recently
@@ -117,7 +121,9 @@ class Engine:
         best, shared = None, 0
         for i, (_, pc) in enumerate(self.caches):
             n = _common_prefix(pc.tokens, ids)
-            if n > shared:
+            # Another conversation that only opens the same way (a system prompt, a greeting) keeps its cache:
+            # a cache is taken when it covers at least half of the shorter of the two.
+            if n > shared and 2 * n >= min(len(pc.tokens), len(ids)):
                 best, shared = i, n
         if best is None:
             if len(self.caches) < self.max_caches:
@@ -128,6 +134,18 @@ class Engine:
         pc = self.caches[best][1]
         self.caches[best] = (time.monotonic(), pc)
         return pc
+
+
+    def _evict(self) -> None:
+        """Drop least recently used caches while the pool is over its memory budget (the latest one stays)."""
+        if self.max_cache_bytes is None:
+            return
+        while len(self.caches) > 1 and sum(pc.nbytes for _, pc in self.caches) > self.max_cache_bytes:
+            self.caches.pop(min(range(len(self.caches)), key=lambda i: self.caches[i][0]))
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(pc.nbytes for _, pc in self.caches)
 
 
 def _materialize(model: Any) -> None:

@@ -1,7 +1,7 @@
 """A local server for coding agents: OpenAI Chat Completions / Completions and Anthropic Messages over HTTP.
 
     python -m mlx_qwen36.server --model PATH_OR_REPO [--host 127.0.0.1] [--port 8080] [--api-key KEY]
-                                [--allowed-local-media DIR] [--prompt-caches 4] [--mtp [K]]
+                                [--allowed-local-media DIR] [--prompt-caches 4] [--prompt-cache-gb 8] [--mtp [K]]
 
 Routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/messages`, `/v1/messages/count_tokens`,
 `/health`. Streaming is SSE. Requests are served one at a time, in order, by the engine's worker thread (the event
@@ -143,7 +143,8 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.engine.pending,
-                             "served": self.engine.served})
+                             "served": self.engine.served, "prompt_caches": len(self.engine.caches),
+                             "prompt_cache_bytes": self.engine.cache_bytes})
 
     async def models(self, request: Request) -> Response:
         if not self.authorized(request):
@@ -264,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-media", type=Path, default=None, metavar="DIR",
                    help="let requests name image/video files under DIR (file:// or plain paths)")
     p.add_argument("--prompt-caches", type=int, default=4, help="conversations whose prompt cache is kept")
+    p.add_argument("--prompt-cache-gb", type=float, default=8.0,
+                   help="memory the kept prompt caches may take together (least recently used dropped first)")
     p.add_argument("--model-name", default=None, help="the model id clients must send (default: --model)")
     add_mtp_argument(p)
     return p
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine = Engine(model, processor, max_caches=args.prompt_caches)
+    engine = Engine(model, processor, max_caches=args.prompt_caches, max_cache_bytes=int(args.prompt_cache_gb * 1e9))
     server = Server(engine, args.model_name or args.model, api_key=args.api_key,
                     allowed_media=args.allowed_local_media,
                     generation={"draft_tokens": args.mtp} if args.mtp is not None else None)

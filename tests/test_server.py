@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import anthropic
 import openai
 import pytest
+from media_fixture import encode_video
 from scripted import Scripted
 
 from mlx_qwen36 import load, load_model
@@ -31,11 +32,11 @@ TOOLS = [{"type": "function", "function": {
 
 
 @contextmanager
-def serving(model, processor, **options):
-    """A server on a free loopback port, in a thread; yields its base URL."""
+def serving(model, processor, engine_options=None, **options):
+    """A server on a free loopback port, in a thread; yields its base URL and engine."""
     import uvicorn
 
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, **(engine_options or {}))
     server = Server(engine, MODEL, **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -257,6 +258,11 @@ def test_images_by_data_url_and_allowed_files(vl, tmp_path):
             r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is this?"}]}])
             assert r.usage.prompt_tokens > text_only.usage.prompt_tokens + 3  # the image's tokens
+        av = pytest.importorskip("av", reason="PyAV is not installed")
+        clip = encode_video(av, picture.parent / "clip.mp4", frames=8, fps=4, height=64, width=64)
+        v = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": str(clip)}}, {"type": "text", "text": "What happens?"}]}])
+        assert v.usage.prompt_tokens > text_only.usage.prompt_tokens + 3
         m = ant(url).messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
             {"type": "text", "text": "What is this?"}]}])
@@ -351,6 +357,28 @@ def test_concurrent_clients_are_all_answered(base):
     assert finishes == ["length"] * n
     assert time.monotonic() - started < 120
     assert engine.served - served == n and all(j.produced == 5 for j in list(engine.finished)[-n:])  # 4 + the end
+
+
+def test_conversations_get_their_own_caches_within_the_budget(chat):
+    def talk(client, who):
+        messages = [{"role": "user", "content": f"I am {who}, and this is my long first question for you."}]
+        first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                     {"role": "user", "content": "Go on."}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+
+    with serving(*chat, engine_options={"max_caches": 2}) as (url, engine):
+        client = oai(url)
+        talk(client, "Ann")
+        talk(client, "Bob")
+        again = talk(client, "Ann")  # Ann's cache was kept beside Bob's
+        assert again.usage.prompt_tokens_details.cached_tokens > 10 and len(engine.caches) == 2
+    with serving(*chat, engine_options={"max_caches": 4, "max_cache_bytes": 1}) as (url, engine):
+        client = oai(url)
+        talk(client, "Ann")
+        talk(client, "Bob")
+        assert len(engine.caches) == 1  # over the budget: only the latest is kept
+        assert raw(url, "GET", "/health")[1]["prompt_caches"] == 1
 
 
 def test_the_command_line_serves(chat_dir):
