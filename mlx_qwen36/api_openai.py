@@ -87,6 +87,8 @@ def check_messages(messages: Any, media: Any) -> list[dict]:
 def chat_request(body: dict, media: Any) -> tuple[list[dict], dict[str, Any]]:
     """(messages, stream_generate keyword arguments) of a Chat Completions request."""
     messages = check_messages(body.get("messages"), media)
+    if body.get("n") not in (None, 1):
+        raise RequestError("only n = 1 is served (one choice per request)", "n")
     template = body.get("chat_template_kwargs") or {}
     if not isinstance(template, dict):
         raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")

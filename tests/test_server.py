@@ -300,6 +300,8 @@ def test_errors_in_each_apis_shape(base):
     assert status == 400 and "temperature" in body["error"]["message"]
     status, body = raw(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": []})
     assert status == 400 and body["error"]["param"] == "messages"
+    status, body = raw(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": hi, "n": 3})
+    assert status == 400 and body["error"]["param"] == "n"
     status, body = raw(url, "POST", "/v1/messages", {"model": MODEL, "messages": hi})
     assert status == 400 and body == {"type": "error", "error": {
         "type": "invalid_request_error", "message": "'max_tokens' is required"}}
