@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cli import add_model_argument, add_mtp_argument, add_sampling_arguments, sampling_kwargs, speculation_line
+from .cli import (
+    add_context_argument,
+    add_model_argument,
+    add_mtp_argument,
+    add_sampling_arguments,
+    sampling_kwargs,
+    speculation_line,
+)
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
 from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
@@ -218,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--system", default=None, help="system prompt")
     add_mtp_argument(p)
+    add_context_argument(p)
     return p
 
 
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loading {args.model} ...", flush=True)
     start = time.perf_counter()
     try:
-        model, processor = load(args.model, mtp=args.mtp is not None)
+        model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

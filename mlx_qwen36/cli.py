@@ -50,6 +50,12 @@ def _draft_tokens(text: str) -> int | str:
     return value
 
 
+def add_context_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="longest prompt + reply in tokens; past the checkpoint's native context (262,144) rotary "
+                        "switches to YaRN (factor 4, up to 1,048,576)")
+
+
 def add_mtp_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", type=_draft_tokens, nargs="?", const="auto", default=None, metavar="K",
                    help=f"speculative decoding with the checkpoint's MTP head: at most K (1-{MAX_DEPTH}) drafted "

@@ -8,8 +8,9 @@ the `mtp_*` fields. Every form is normalised here so the model never looks at ra
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,42 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return parse_config(data, str(path))
+
+
+YARN_FACTOR = 4.0  # the model card's long-context recipe: rope_type yarn, factor 4 over the native 262,144
+
+
+def with_max_context(config: ModelConfig, max_context: int) -> ModelConfig:
+    """The config for prompts and replies of up to `max_context` tokens.
+
+    Up to the native `max_position_embeddings` (or a YaRN config's own reach) nothing changes. Beyond the native
+    length, rotary switches to YaRN with the model card's factor 4 over the native length (`rope_type: yarn`,
+    `factor: 4`, `original_max_position_embeddings: native`), computed as transformers computes it, and the context
+    becomes 4x the native one. ConfigError past what factor 4 reaches."""
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+        raise ConfigError(f"max_context must be a positive number of tokens, got {max_context!r}")
+    text, rope = config.text, config.text.rope
+    if rope.rope_type == "yarn":
+        reach = max(text.max_position_embeddings,
+                    int(rope.factor * (rope.original_max_position_embeddings or text.max_position_embeddings)))
+        if max_context > reach:
+            raise ConfigError(f"max_context {max_context:,} exceeds the {reach:,} tokens this checkpoint's YaRN "
+                              f"(factor {rope.factor:g}) reaches")
+        return config
+    native = text.max_position_embeddings
+    if max_context <= native:
+        return config
+    reach = int(YARN_FACTOR * native)
+    if max_context > reach:
+        raise ConfigError(f"max_context {max_context:,} exceeds {reach:,}: YaRN with the documented factor "
+                          f"{YARN_FACTOR:g} extends the native {native:,} tokens that far")
+    yarn = {"rope_type": "yarn", "factor": YARN_FACTOR, "original_max_position_embeddings": native}
+    raw = copy.deepcopy(config.raw)
+    raw_text = raw.get("text_config", raw)
+    raw_text["rope_parameters"] = dict(raw_text.get("rope_parameters") or {}, **yarn)
+    raw_text["max_position_embeddings"] = reach
+    new_rope = replace(rope, rope_type="yarn", factor=YARN_FACTOR, original_max_position_embeddings=native)
+    return replace(config, text=replace(text, rope=new_rope, max_position_embeddings=reach), raw=raw)
 
 
 def _require(cfg: dict[str, Any], key: str, source: str, where: str) -> Any:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cli import add_model_argument, add_mtp_argument, add_sampling_arguments, sampling_kwargs, speculation_line
+from .cli import (
+    add_context_argument,
+    add_model_argument,
+    add_mtp_argument,
+    add_sampling_arguments,
+    sampling_kwargs,
+    speculation_line,
+)
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
 from .multimodal import with_media
@@ -49,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens to generate at most, reasoning included (default: %(default)s)")
     add_sampling_arguments(p)
     add_mtp_argument(p)
+    add_context_argument(p)
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning on stderr")
     # One setting, two spellings; the last one given wins.
@@ -146,7 +154,8 @@ def run(args: argparse.Namespace, printer: Printer) -> None:
     prompt = read_prompt(args.prompt, sys.stdin)
     check_media_files(args)
     # Without media the vision tower would only take memory (0.875 GB in bf16): the flags say up front.
-    model, processor = load(args.model, text_only=not (args.image or args.video), mtp=args.mtp is not None)
+    model, processor = load(args.model, text_only=not (args.image or args.video), mtp=args.mtp is not None,
+                            max_context=args.max_context)
     last = None
     try:
         for chunk in stream_generate(model, processor, messages(prompt, args), **generation_kwargs(args)):

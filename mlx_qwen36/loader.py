@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, with_max_context
 from .convert.hf import hf_to_mlx, keeps_fp32
 from .convert.mlx_layout import from_disk, is_mlx_layout, module_from_disk_quantized
 from .model import Model
@@ -216,17 +216,20 @@ def _quantize(model: Model, weights: dict[str, mx.array], quant: tuple[dict, dic
 
 
 def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtype | str | None = None,
-               lazy: bool = False, mtp: bool = False) -> Model:
+               lazy: bool = False, mtp: bool = False, max_context: int | None = None) -> Model:
     """Build the model of a checkpoint and load its weights, keeping the checkpoint's dtype unless `dtype` is given.
 
     `mtp=True` also builds the multi-token-prediction head (`model.mtp`, ~0.85 B parameters in the 35B-A3B) from the
     checkpoint's `mtp.*` weights, for speculative decoding (`stream_generate(..., draft_tokens=k)`); without it
     those weights are not read. A checkpoint without them then raises CheckpointError.
+    `max_context` past the checkpoint's native context switches rotary to YaRN (`config.with_max_context`).
 
     Weights stay memory-mapped-lazy until evaluated: the peak while loading is about one copy of the weights.
     """
     folder = resolve_model_path(path_or_repo)
     config = ModelConfig.from_file(folder / "config.json")
+    if max_context is not None:
+        config = with_max_context(config, max_context)
     if isinstance(dtype, str):
         try:
             dtype = getattr(mx, dtype)
@@ -274,13 +277,13 @@ def load_model(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtyp
 
 
 def load(path_or_repo: str | Path, text_only: bool = False, dtype: mx.Dtype | str | None = None,
-         lazy: bool = False, mtp: bool = False) -> tuple[Model, Any]:
+         lazy: bool = False, mtp: bool = False, max_context: int | None = None) -> tuple[Model, Any]:
     """`model, processor = load(path_or_repo)`: the model and its tokenizer/chat-template processor (`mtp=True`:
     with the MTP head, for speculative decoding)."""
     from .processor import load_processor
 
     folder = resolve_model_path(path_or_repo)
-    model = load_model(folder, text_only=text_only, dtype=dtype, lazy=lazy, mtp=mtp)
+    model = load_model(folder, text_only=text_only, dtype=dtype, lazy=lazy, mtp=mtp, max_context=max_context)
     return model, load_processor(folder)
 
 

@@ -254,7 +254,7 @@ def error_response(flavour: str, status: int, kind: str, message: str, param: st
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import add_model_argument, add_mtp_argument
+    from .cli import add_context_argument, add_model_argument, add_mtp_argument
 
     p = argparse.ArgumentParser(prog="python -m mlx_qwen36.server", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -269,6 +269,7 @@ def parser() -> argparse.ArgumentParser:
                    help="memory the kept prompt caches may take together (least recently used dropped first)")
     p.add_argument("--model-name", default=None, help="the model id clients must send (default: --model)")
     add_mtp_argument(p)
+    add_context_argument(p)
     return p
 
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
-        model, processor = load(args.model, mtp=args.mtp is not None)
+        model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

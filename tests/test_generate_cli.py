@@ -51,8 +51,8 @@ def loaded(chat, chat_dir, short_context_dir, vl, monkeypatch):
     Other paths (a missing folder) go to the real `load`."""
     real_load = cli.load
 
-    def load_once(path, text_only=False, mtp=False):
-        assert not mtp  # these runs do not ask for speculation
+    def load_once(path, text_only=False, mtp=False, max_context=None):
+        assert not mtp and max_context is None  # these runs ask for neither
         if path == str(chat_dir):
             return chat
         if path == str(short_context_dir):
