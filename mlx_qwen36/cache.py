@@ -13,6 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from .ops.attention import QuantizedKV
+
 
 class KVCache:
     """Keys/values [B, n_kv, T, head_dim], grown in steps so decode does not reallocate every token."""
@@ -79,6 +81,59 @@ class KVCache:
         return sum(a.nbytes for a in self.state)
 
 
+class QuantizedKVCache(KVCache):
+    """A KV cache stored affine-quantized along head_dim (`kv_bits` 4 or 8, groups of `kv_group_size`), as mlx-lm's
+    `QuantizedKVCache`: attention reads it quantized (`ops.quantized_attention`). Snapshots, rollback and the prompt
+    cache work as for `KVCache` (an offset; the rows past it are never rewritten)."""
+
+    def __init__(self, bits: int = 8, group_size: int = 64) -> None:
+        if bits not in (4, 8) or group_size not in (32, 64, 128):
+            raise ValueError(f"kv_bits must be 4 or 8 and kv_group_size 32, 64 or 128, got {bits} and {group_size}")
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def _buffers(self, B: int, H: int, n: int, D: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+        return (mx.zeros((B, H, n, D * self.bits // 32), mx.uint32), mx.zeros((B, H, n, D // self.group_size), dtype),
+                mx.zeros((B, H, n, D // self.group_size), dtype))
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[QuantizedKV, QuantizedKV]:
+        B, H, n, D = keys.shape
+        if D % self.group_size:
+            raise ValueError(f"head_dim {D} is not a multiple of kv_group_size {self.group_size}")
+        prev = self.offset
+        if self.keys is None or prev + n > self.keys[0].shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new = [self._buffers(B, H, grow, D, keys.dtype), self._buffers(B, H, grow, values.shape[3], keys.dtype)]
+            if self.keys is None:
+                self.keys, self.values = new
+            else:
+                self.keys, self.values = (tuple(mx.concatenate([a[..., :prev, :], b], axis=2) for a, b in zip(old, add))
+                                          for old, add in zip((self.keys, self.values), new))
+        self.offset += n
+        for store, x in ((self.keys, keys), (self.values, values)):
+            for buf, part in zip(store, mx.quantize(x, group_size=self.group_size, bits=self.bits)):
+                buf[..., prev:self.offset, :] = part
+        return self._view(self.keys), self._view(self.values)
+
+    def _view(self, store: tuple[mx.array, ...]) -> QuantizedKV:
+        return QuantizedKV(*(a[..., : self.offset, :] for a in store), self.bits, self.group_size)
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.keys is None:
+            return []
+        return [a[..., : self.offset, :] for a in (*self.keys, *self.values)]
+
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        if arrays:
+            self.keys, self.values = tuple(arrays[:3]), tuple(arrays[3:])
+            self.offset = self.keys[0].shape[2]
+        else:
+            self.keys = self.values = None
+            self.offset = 0
+
+
 class GDNCache:
     """Gated DeltaNet state: the last K-1 pre-conv rows [B, K-1, conv_dim] and the recurrence [B, Hv, Dv, Dk] fp32
     (a state column contiguous, as the kernels read it)."""
@@ -131,7 +186,12 @@ def buffers(cache: list[Cache]) -> list[mx.array]:
     evaluate after a step without adding graph nodes, and what a compiled step's trace depends on."""
     out: list[mx.array] = []
     for c in cache:
-        out += [a for a in (c.keys, c.values) if a is not None] if isinstance(c, KVCache) else c.state
+        if isinstance(c, QuantizedKVCache):
+            out += [a for store in (c.keys, c.values) if store is not None for a in store]
+        elif isinstance(c, KVCache):
+            out += [a for a in (c.keys, c.values) if a is not None]
+        else:
+            out += c.state
     return out
 
 

@@ -17,9 +17,11 @@ from typing import Any, TextIO
 
 from .cli import (
     add_context_argument,
+    add_kv_arguments,
     add_model_argument,
     add_mtp_argument,
     add_sampling_arguments,
+    kv_kwargs,
     sampling_kwargs,
     speculation_line,
 )
@@ -53,6 +55,7 @@ class Session:
     show_reasoning: bool = True
     out: TextIO = sys.stdout
     color: bool = False
+    kv: dict[str, Any] = field(default_factory=dict)  # make_prompt_cache's kv_bits / kv_group_size
     messages: list[dict] = field(default_factory=list)
     cache: PromptCache | None = None
     last: GenerationChunk | None = None
@@ -63,7 +66,7 @@ class Session:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, **self.kv)
 
     def write(self, text: str, dim: bool = False) -> None:
         if dim and self.color:
@@ -226,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     add_mtp_argument(p)
     add_context_argument(p)
+    add_kv_arguments(p)
     return p
 
 
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     sampling = dict(sampling_kwargs(args), draft_tokens=args.mtp)
-    session = Session(model, processor, sampling, max_tokens=args.max_tokens, system=args.system,
+    session = Session(model, processor, sampling, max_tokens=args.max_tokens, system=args.system, kv=kv_kwargs(args),
                       think=not args.no_think, preserve_thinking=args.preserve_thinking,
                       show_reasoning=not args.hide_reasoning,
                       color=sys.stdout.isatty() and "NO_COLOR" not in os.environ)

@@ -56,6 +56,16 @@ def add_context_argument(p: argparse.ArgumentParser) -> None:
                         "switches to YaRN (factor 4, up to 1,048,576)")
 
 
+def add_kv_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="keep the attention layers' KV cache quantized (mlx-lm's flag; 8 is near-lossless)")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64, help="group size of --kv-bits")
+
+
+def kv_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size} if args.kv_bits else {}
+
+
 def add_mtp_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", type=_draft_tokens, nargs="?", const="auto", default=None, metavar="K",
                    help=f"speculative decoding with the checkpoint's MTP head: at most K (1-{MAX_DEPTH}) drafted "

@@ -57,13 +57,15 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, processor: Any, max_caches: int = 4,
-                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES, max_cache_bytes: int | None = None):
+                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES, max_cache_bytes: int | None = None,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
         if max_caches < 1:
             raise ValueError(f"max_caches must be >= 1, got {max_caches}")
         self.model, self.processor = model, processor
         _materialize(model)
         self.max_caches, self.max_snapshot_bytes = max_caches, max_snapshot_bytes
         self.max_cache_bytes = max_cache_bytes  # all the pool's caches together (None: only `max_caches` bounds it)
+        self.kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size}  # how the pool's caches store attention KV
         self.caches: list[tuple[float, PromptCache]] = []  # (last used, cache)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.finished: deque[Job] = deque(maxlen=64)  # the latest jobs served, for inspection
@@ -127,7 +129,7 @@ class Engine:
                 best, shared = i, n
         if best is None:
             if len(self.caches) < self.max_caches:
-                self.caches.append((0.0, PromptCache(self.model, self.max_snapshot_bytes)))
+                self.caches.append((0.0, PromptCache(self.model, self.max_snapshot_bytes, **self.kv)))
                 best = len(self.caches) - 1
             else:
                 best = min(range(len(self.caches)), key=lambda i: self.caches[i][0])

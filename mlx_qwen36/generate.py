@@ -17,9 +17,11 @@ from typing import Any, TextIO
 
 from .cli import (
     add_context_argument,
+    add_kv_arguments,
     add_model_argument,
     add_mtp_argument,
     add_sampling_arguments,
+    kv_kwargs,
     sampling_kwargs,
     speculation_line,
 )
@@ -57,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     add_mtp_argument(p)
     add_context_argument(p)
+    add_kv_arguments(p)
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning on stderr")
     # One setting, two spellings; the last one given wins.
@@ -70,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `stream_generate` keyword arguments the flags ask for."""
     return {"max_tokens": args.max_tokens, "enable_thinking": not args.no_think, "draft_tokens": args.mtp,
-            **sampling_kwargs(args)}
+            **sampling_kwargs(args), **kv_kwargs(args)}
 
 
 def read_prompt(prompt: str, stdin: TextIO) -> str:

@@ -195,13 +195,18 @@ def stream_generate(
     preset: str | None = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     draft_tokens: int | str | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, streaming a `GenerationChunk` per sampled token and a final chunk with `finish_reason`
     ("stop", "length" or "tool_calls") and the statistics. `temperature=0` is greedy.
 
     `draft_tokens` (1-4 or "auto"; needs the MTP head, `load(..., mtp=True)`): speculative decoding with the MTP
     head, at most that many drafts per main-model forward ("auto": 3), the depth adapted to what pays; the output
-    has the same distribution (greedy: the same tokens) as without it. See `speculative`."""
+    has the same distribution (greedy: the same tokens) as without it. See `speculative`.
+
+    `kv_bits` (4 or 8; groups of `kv_group_size`): a new prompt cache keeps the attention KV quantized (a
+    `prompt_cache` passed in keeps its own setting, which must then agree)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     draft_depth = parse_draft_tokens(draft_tokens)
@@ -216,7 +221,13 @@ def stream_generate(
             raise ValueError("images= and videos= go with a string prompt; in messages, use image_url/video_url parts")
         prompt_or_messages = with_media(prompt_or_messages, images, videos)
     ids, text = build_prompt(processor, prompt_or_messages, tools, enable_thinking, preserve_thinking)
-    pc = prompt_cache if prompt_cache is not None else PromptCache(model)
+    if prompt_cache is None:
+        pc = PromptCache(model, kv_bits=kv_bits, kv_group_size=kv_group_size)
+    else:
+        pc = prompt_cache
+        if kv_bits is not None and (pc.kv_bits, pc.kv_group_size) != (kv_bits, kv_group_size):
+            raise ValueError(f"kv_bits={kv_bits}, kv_group_size={kv_group_size} differ from the prompt cache's "
+                             f"({pc.kv_bits}, {pc.kv_group_size}); make the cache with the same settings")
     media = None
     if not isinstance(prompt_or_messages, str) and not all(isinstance(t, int) for t in prompt_or_messages):
         found_images, found_videos = collect_media(prompt_or_messages)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import Cache, GDNCache, KVCache
+from .cache import Cache, GDNCache, KVCache, QuantizedKVCache
 from .config import ModelConfig, TextConfig
 from .decoder import DecoderLayer
 from .mtp import MTP
@@ -143,8 +143,15 @@ class Model(nn.Module):
         positions = positions + start[None, :, None]
         return input_embeddings, positions, deltas + start - offset
 
-    def make_cache(self) -> list[Cache]:
-        return [GDNCache() if layer.is_linear else KVCache() for layer in self.layers]
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> list[Cache]:
+        """A fresh cache; `kv_bits` (4 or 8) stores the attention layers' keys and values quantized."""
+        if kv_bits is not None and self.config.text.head_dim % kv_group_size:
+            raise ValueError(f"kv_group_size {kv_group_size} does not divide head_dim {self.config.text.head_dim}")
+
+        def kv() -> KVCache:
+            return KVCache() if kv_bits is None else QuantizedKVCache(kv_bits, kv_group_size)
+
+        return [GDNCache() if layer.is_linear else kv() for layer in self.layers]
 
     def prefill(self, input_ids: mx.array, cache: list[Cache], chunk_size: int = DEFAULT_PREFILL_CHUNK,
                 input_embeddings: mx.array | None = None, position_ids: mx.array | None = None) -> mx.array:

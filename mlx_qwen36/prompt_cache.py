@@ -77,10 +77,12 @@ class PromptCache:
     After `load`, `conversation` is what `save` was given (None otherwise).
     """
 
-    def __init__(self, model: Model, max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES):
+    def __init__(self, model: Model, max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES, kv_bits: int | None = None,
+                 kv_group_size: int = 64):
         self.fingerprint = model_fingerprint(model)
         self._checked = weakref.ref(model)  # the model object last found to match, not fingerprinted every turn
-        self.cache = model.make_cache()
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # the attention layers' KV storage
+        self.cache = model.make_cache(kv_bits, kv_group_size) if kv_bits is not None else model.make_cache()
         self.tokens: list[int] = []
         self.snapshots: dict[int, list[Any]] = {0: snapshot_cache(self.cache)}
         self.max_snapshot_bytes = max_snapshot_bytes
@@ -163,6 +165,7 @@ class PromptCache:
                                      else None for layer in snap] for pos, snap in sorted(self.snapshots.items())},
         }
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "tokens": json.dumps(self.tokens),
+                "kv": json.dumps({"bits": self.kv_bits, "group_size": self.kv_group_size}),
                 "kinds": json.dumps([type(c).__name__ for c in self.cache]), "layout": json.dumps(layout),
                 "conversation": conversation_json}
         path = Path(path)
@@ -182,7 +185,11 @@ class PromptCache:
                 raise PromptCacheError(f"{path}: saved by another version of mlx_qwen36 ({meta['format']}; this one "
                                        f"reads {FORMAT}); make a new cache")
             raise PromptCacheError(f"{path}: not an mlx_qwen36 prompt cache")
-        pc = cls(model, max_snapshot_bytes)
+        try:
+            kv = json.loads(meta.get("kv", "{}"))
+            pc = cls(model, max_snapshot_bytes, kv.get("bits"), kv.get("group_size", 64))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise PromptCacheError(f"{path}: damaged prompt cache ({e})") from None
         if meta.get("fingerprint") != pc.fingerprint:
             raise PromptCacheError(f"{path}: saved by another model (its config, quantization, dtypes or weights "
                                    "differ); it cannot be used with this one")
@@ -214,12 +221,14 @@ def _layer_snapshot(c: Any, names: list[str] | None, arrays: dict[str, mx.array]
     return conv, recurrent, pos
 
 
-def make_prompt_cache(model: Model, max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES) -> PromptCache:
+def make_prompt_cache(model: Model, max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES, kv_bits: int | None = None,
+                      kv_group_size: int = 64) -> PromptCache:
     """A reusable multi-turn cache: pass it as `prompt_cache=` to `stream_generate` / `generate`.
 
-    `max_snapshot_bytes` bounds what its snapshots hold beyond the current state (see `PromptCache.mark`).
+    `max_snapshot_bytes` bounds what its snapshots hold beyond the current state (see `PromptCache.mark`);
+    `kv_bits` (4 or 8) keeps the attention layers' keys and values quantized (`cache.QuantizedKVCache`).
     """
-    return PromptCache(model, max_snapshot_bytes)
+    return PromptCache(model, max_snapshot_bytes, kv_bits, kv_group_size)
 
 
 __all__ = ["PromptCache", "PromptCacheError", "make_prompt_cache", "model_fingerprint"]

@@ -254,7 +254,7 @@ def error_response(flavour: str, status: int, kind: str, message: str, param: st
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import add_context_argument, add_model_argument, add_mtp_argument
+    from .cli import add_context_argument, add_kv_arguments, add_model_argument, add_mtp_argument
 
     p = argparse.ArgumentParser(prog="python -m mlx_qwen36.server", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -270,12 +270,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients must send (default: --model)")
     add_mtp_argument(p)
     add_context_argument(p)
+    add_kv_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
+    from .cli import kv_kwargs
     from .loader import load
 
     args = parser().parse_args(argv)
@@ -285,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine = Engine(model, processor, max_caches=args.prompt_caches, max_cache_bytes=int(args.prompt_cache_gb * 1e9))
+    engine = Engine(model, processor, max_caches=args.prompt_caches, max_cache_bytes=int(args.prompt_cache_gb * 1e9),
+                    **kv_kwargs(args))
     server = Server(engine, args.model_name or args.model, api_key=args.api_key,
                     allowed_media=args.allowed_local_media,
                     generation={"draft_tokens": args.mtp} if args.mtp is not None else None)

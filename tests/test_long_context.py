@@ -91,3 +91,100 @@ def test_command_lines_take_max_context(chat_dir, capsys):
     assert "Generation: 2 tokens" in capsys.readouterr().err
     assert cli.main([*args, "--max-context", "2000000"]) == 1
     assert "error: max_context 2,000,000 exceeds 1,048,576" in capsys.readouterr().err
+
+
+# --- the quantized KV cache -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits, group", [(8, 32), (8, 64), (4, 32), (4, 64)])
+@pytest.mark.parametrize("T", [1, 5])
+def test_quantized_attention_equals_attention_over_the_dequantized_cache(bits, group, T):
+    from mlx_qwen36.ops.attention import QuantizedKV, attention
+
+    mx.random.seed(0)
+    q = mx.random.normal((2, 4, T, 64))
+    k, v = mx.random.normal((2, 2, 40, 64)), mx.random.normal((2, 2, 40, 64))
+    kq, vq = (QuantizedKV(*mx.quantize(a, group_size=group, bits=bits), bits, group) for a in (k, v))
+    kd, vd = (mx.dequantize(a.weight, a.scales, a.biases, group_size=group, bits=bits) for a in (kq, vq))
+    mask = "causal" if T > 1 else None
+    want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask=mask)
+    got = attention(q, kq, vq, 0.125, mask)
+    assert np.abs(np.array(got) - np.array(want)).max() < 1e-4
+
+
+def run_turns(model, kv_bits=None, draft_tokens=None, **gen):
+    """Logits of a prompt and 6 decode steps on one cache, compiled step included."""
+    from mlx_qwen36.fast import make_decode_step
+
+    cache = model.make_cache(kv_bits, 32) if kv_bits else model.make_cache()  # the tiny head_dim is 32
+    ids = mx.array([[3, 17, 101, 250, 9, 44, 7, 90]])
+    out = [model(ids, cache)[:, -1]]
+    step = make_decode_step(model)
+    for t in (5, 77, 12, 300, 41, 8):
+        out.append(step(mx.array([[t]]), cache)[:, -1])
+    mx.eval(out)
+    return np.stack([np.array(o.astype(mx.float32)) for o in out]), cache
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_quantized_kv_error_and_memory(tiny, dtype):
+    """Logit error against the unquantized cache (relative RMS), and the bytes of the attention layers' cache."""
+    model = load_model(tiny["moe"]["hf"], dtype=dtype)
+    want, plain = run_turns(model)
+    scale = np.sqrt((want ** 2).mean())
+    size = 4 if dtype == mx.float32 else 2
+    for bits, limit in ((8, 0.01), (4, 0.05)):
+        ratio = (bits / 8 + 2 * size / 32) / size  # packed values, plus a scale and a bias per group of 32
+        got, cache = run_turns(model, bits)
+        err = np.sqrt(((got - want) ** 2).mean()) / scale
+        assert err < limit, (bits, err)
+        kv = [c for c in cache if hasattr(c, "bits")]
+        assert kv and kv[0].bits == bits
+        stored = sum(c.nbytes for c in kv)
+        full = sum(c.nbytes for c in plain if type(c).__name__ == "KVCache")
+        assert abs(stored / full - ratio) < 1e-6, (bits, stored / full)
+    with pytest.raises(ValueError, match="kv_group_size 64 does not divide head_dim 32"):
+        model.make_cache(8, 64)
+
+
+def test_quantized_kv_through_the_generator_prompt_cache_and_speculation(mtp_chat_dir, tmp_path):
+    """A quantized cache across turns, saved and loaded, rolled back by speculative decoding: the same tokens as
+    recomputing with a fresh quantized cache each time."""
+    from mlx_qwen36 import generate, load, make_prompt_cache
+    from mlx_qwen36.cache import QuantizedKVCache
+    from mlx_qwen36.prompt_cache import PromptCache
+
+    model, processor = load(mtp_chat_dir, mtp=True)
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    kv = {"kv_bits": 8, "kv_group_size": 32}
+    pc = make_prompt_cache(model, **kv)
+    assert any(isinstance(c, QuantizedKVCache) for c in pc.cache)
+    first = generate(model, processor, messages, max_tokens=8, temperature=0, prompt_cache=pc, draft_tokens=2)
+    fresh = generate(model, processor, messages, max_tokens=8, temperature=0, **kv)
+    assert first.tokens == fresh.tokens
+    assert all(c.offset == len(pc.tokens) for c in pc.cache)
+    pc.save(tmp_path / "conversation.safetensors")
+    loaded = PromptCache.load(model, tmp_path / "conversation.safetensors")
+    assert (loaded.kv_bits, loaded.kv_group_size) == (8, 32)
+    messages += [{"role": "assistant", "content": first.content, "reasoning_content": first.reasoning},
+                 {"role": "user", "content": "And the mountains?"}]
+    again = generate(model, processor, messages, max_tokens=8, temperature=0, prompt_cache=loaded)
+    assert again.cached_tokens > 0
+    assert again.tokens == generate(model, processor, messages, max_tokens=8, temperature=0, **kv).tokens
+    with pytest.raises(ValueError, match="differ from the prompt cache"):
+        generate(model, processor, messages, max_tokens=2, prompt_cache=loaded, kv_bits=4, kv_group_size=32)
+
+
+def test_kv_bits_on_the_command_line(chat_dir, capsys):
+    import importlib
+
+    cli = importlib.import_module("mlx_qwen36.generate")
+    args = ["--model", str(chat_dir), "--prompt", "hi", "--temp", "0", "--max-tokens", "3", "--no-think"]
+    flags = [*args, "--kv-bits", "8", "--kv-group-size", "32"]
+    kwargs = cli.generation_kwargs(cli.parser().parse_args(flags))
+    assert (kwargs["kv_bits"], kwargs["kv_group_size"]) == (8, 32)
+    assert "kv_bits" not in cli.generation_kwargs(cli.parser().parse_args(args))
+    assert cli.main(flags) == 0
+    assert "Generation: 3 tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args([*args, "--kv-bits", "3"])

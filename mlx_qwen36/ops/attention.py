@@ -7,7 +7,7 @@ grouped matmul form, and prefill splits the kv heads over its two threads.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 
@@ -15,9 +15,22 @@ from . import kernels
 from .cpu import worker_stream
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
-    """q [B, heads, T, D], k and v [B, kv heads, S, D] -> [B, heads, T, D]."""
+class QuantizedKV(NamedTuple):
+    """Keys or values of a quantized KV cache, [B, kv heads, S, D] as affine `mx.quantize` groups along D."""
+
+    weight: mx.array  # uint32 [B, kv heads, S, D * bits / 32]
+    scales: mx.array  # [B, kv heads, S, D / group_size]
+    biases: mx.array
+    bits: int
+    group_size: int
+
+
+def attention(q: mx.array, k: mx.array | QuantizedKV, v: mx.array | QuantizedKV, scale: float,
+              mask: mx.array | str | None) -> mx.array:
+    """q [B, heads, T, D], k and v [B, kv heads, S, D] (or quantized) -> [B, heads, T, D]."""
     T = q.shape[2]
+    if isinstance(k, QuantizedKV):
+        return quantized_attention(q, k, v, scale, mask)
     if mx.default_device() != mx.cpu or kernels.metal_graph():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if T == 1:
@@ -43,6 +56,26 @@ def _cpu_decode(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.ar
         scores = mx.where(mask, scores, -mx.inf)
     o = mx.softmax(scores, axis=-1, precise=True) @ v  # [B, Hkv, rep, D]
     return o.reshape(B, Hq, 1, D)
+
+
+def quantized_attention(q: mx.array, k: QuantizedKV, v: QuantizedKV, scale: float,
+                        mask: mx.array | str | None) -> mx.array:
+    """Attention reading the quantized cache as it is stored: scores by a quantized matmul against the keys,
+    the output by one against the values (no dequantized copy of the cache). The query heads of each kv head are
+    one [rep * T, D] block, as in mlx-lm's quantized SDPA."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.weight.shape[1], k.weight.shape[2]
+    rep = Hq // Hkv
+    quant = {"group_size": k.group_size, "bits": k.bits}
+    qs = (q * scale).reshape(B, Hkv, rep * T, D)
+    scores = mx.quantized_matmul(qs, k.weight, k.scales, k.biases, transpose=True, **quant)  # [B, Hkv, rep*T, S]
+    if isinstance(mask, str):  # "causal", aligned bottom-right past the cached prefix
+        mask = mx.arange(S)[None, :] <= (mx.arange(T) + S - T)[:, None]  # [T, S]
+    if mask is not None:  # [T, S] or [B, 1, T, S]: the same rows for each query head of a kv head
+        scores = mx.where(mx.tile(mask, (1,) * (mask.ndim - 2) + (rep, 1)), scores, -mx.inf)
+    p = mx.softmax(scores, axis=-1, precise=True).astype(q.dtype)
+    o = mx.quantized_matmul(p, v.weight, v.scales, v.biases, transpose=False, **quant)  # [B, Hkv, rep*T, D]
+    return o.reshape(B, Hq, T, D)
 
 
 def rotary_decode(q: mx.array, k: mx.array, position: int | mx.array, rope: Any) -> tuple[mx.array, mx.array]:
