@@ -54,7 +54,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import graph, kernel_check, spec_bench, synthetic
+from . import graph, kernel_check, memory, spec_bench, synthetic
 from .config import ModelConfig
 from .convert.hf import keeps_fp32
 from .fast import make_decode_step
@@ -773,6 +773,28 @@ def plot(report: dict, path: str | Path, title: str | None = None) -> None:
     img.save(path)
 
 
+def print_plan(args: argparse.Namespace) -> int:
+    """`--plan`: the memory plan as a table (and JSON with --json); exit status 1 when it does not fit."""
+    from .loader import resolve_model_path
+
+    if not args.model:
+        print("error: --plan needs --model", file=sys.stderr)
+        return 2
+    try:
+        p = memory.plan(resolve_model_path(args.model), args.context, args.kv_bits, args.kv_group_size,
+                        mtp=args.mtp, vision=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Memory plan of {args.model}:\n")
+    print(p.table())
+    if args.json:
+        data = dict(vars(p), kv=p.kv, total=p.total, fits=p.fits, max_context=p.max_context)
+        text = json.dumps(data, indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+    return 0 if p.fits else 1
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_qwen36.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -802,6 +824,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mtp", action="store_true",
                    help="also measure MTP speculation: draft and verify costs, break-even acceptance, tokens/s "
                         "plain, at fixed depths and with the adaptive depth (the model gets an MTP head)")
+    p.add_argument("--plan", action="store_true",
+                   help="only print the memory plan of --model at --context tokens (weights, KV, GDN states, MTP, "
+                        "vision) and whether it fits this machine; loads nothing")
+    p.add_argument("--context", type=int, default=None, help="the context of --plan (default: the checkpoint's)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="--plan with a quantized KV cache")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
     p.add_argument("--check-kernels", action="store_true",
                    help="only check every custom kernel against its reference (real sizes on a Mac, small ones in "
                         "the emulator elsewhere); bf16, --bits (default 4) and --group-size; fails if any differs")
@@ -812,6 +840,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.plan:
+        sys.exit(print_plan(args))
     if args.check_kernels:
         report = kernel_check.check_all(bits=args.bits or 4, group=args.group_size)
         table = kernel_check.markdown(report)

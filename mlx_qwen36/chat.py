@@ -22,11 +22,13 @@ from .cli import (
     add_mtp_argument,
     add_sampling_arguments,
     kv_kwargs,
+    planned_context,
     sampling_kwargs,
     speculation_line,
 )
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
+from .memory import limit_context
 from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
 
 HELP = """commands:
@@ -242,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loading {args.model} ...", flush=True)
     start = time.perf_counter()
     try:
+        context = planned_context(args, vision=True, mtp=args.mtp is not None)
         model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context)
+        limit_context(model, context)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

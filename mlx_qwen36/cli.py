@@ -56,6 +56,16 @@ def add_context_argument(p: argparse.ArgumentParser) -> None:
                         "switches to YaRN (factor 4, up to 1,048,576)")
 
 
+def planned_context(args: argparse.Namespace, vision: bool, mtp: bool) -> int:
+    """The memory plan, before loading: MemoryPlanError (a ValueError) for a --max-context that does not fit this
+    machine, naming the longest that does; else the context to serve (the checkpoint's, capped at what fits)."""
+    from .loader import resolve_model_path
+    from .memory import check_fits
+
+    return check_fits(resolve_model_path(args.model), args.max_context, kv_bits=args.kv_bits,
+                      kv_group_size=args.kv_group_size, mtp=mtp, vision=vision)
+
+
 def add_kv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
                    help="keep the attention layers' KV cache quantized (mlx-lm's flag; 8 is near-lossless)")

@@ -118,6 +118,15 @@ class ModelConfig:
 YARN_FACTOR = 4.0  # the model card's long-context recipe: rope_type yarn, factor 4 over the native 262,144
 
 
+def context_reach(config: ModelConfig) -> int:
+    """The longest context the checkpoint can be run at: its YaRN's reach, or 4x the native one with YaRN on."""
+    text, rope = config.text, config.text.rope
+    if rope.rope_type == "yarn":
+        return max(text.max_position_embeddings,
+                   int(rope.factor * (rope.original_max_position_embeddings or text.max_position_embeddings)))
+    return int(YARN_FACTOR * text.max_position_embeddings)
+
+
 def with_max_context(config: ModelConfig, max_context: int) -> ModelConfig:
     """The config for prompts and replies of up to `max_context` tokens.
 
@@ -129,8 +138,7 @@ def with_max_context(config: ModelConfig, max_context: int) -> ModelConfig:
         raise ConfigError(f"max_context must be a positive number of tokens, got {max_context!r}")
     text, rope = config.text, config.text.rope
     if rope.rope_type == "yarn":
-        reach = max(text.max_position_embeddings,
-                    int(rope.factor * (rope.original_max_position_embeddings or text.max_position_embeddings)))
+        reach = context_reach(config)
         if max_context > reach:
             raise ConfigError(f"max_context {max_context:,} exceeds the {reach:,} tokens this checkpoint's YaRN "
                               f"(factor {rope.factor:g}) reaches")
@@ -138,7 +146,7 @@ def with_max_context(config: ModelConfig, max_context: int) -> ModelConfig:
     native = text.max_position_embeddings
     if max_context <= native:
         return config
-    reach = int(YARN_FACTOR * native)
+    reach = context_reach(config)
     if max_context > reach:
         raise ConfigError(f"max_context {max_context:,} exceeds {reach:,}: YaRN with the documented factor "
                           f"{YARN_FACTOR:g} extends the native {native:,} tokens that far")

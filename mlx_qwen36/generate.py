@@ -22,11 +22,13 @@ from .cli import (
     add_mtp_argument,
     add_sampling_arguments,
     kv_kwargs,
+    planned_context,
     sampling_kwargs,
     speculation_line,
 )
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
+from .memory import limit_context
 from .multimodal import with_media
 from .tool_parser import CONTENT, REASONING
 
@@ -157,8 +159,10 @@ def run(args: argparse.Namespace, printer: Printer) -> None:
     prompt = read_prompt(args.prompt, sys.stdin)
     check_media_files(args)
     # Without media the vision tower would only take memory (0.875 GB in bf16): the flags say up front.
-    model, processor = load(args.model, text_only=not (args.image or args.video), mtp=args.mtp is not None,
-                            max_context=args.max_context)
+    media = bool(args.image or args.video)
+    context = planned_context(args, vision=media, mtp=args.mtp is not None)
+    model, processor = load(args.model, text_only=not media, mtp=args.mtp is not None, max_context=args.max_context)
+    limit_context(model, context)
     last = None
     try:
         for chunk in stream_generate(model, processor, messages(prompt, args), **generation_kwargs(args)):

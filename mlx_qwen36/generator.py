@@ -24,6 +24,7 @@ from .cache import restore as restore_cache
 from .cache import snapshot as snapshot_cache
 from .detokenizer import StreamingDetokenizer
 from .fast import decode_step
+from .memory import context_of
 from .model import DEFAULT_PREFILL_CHUNK, Model
 from .multimodal import MediaPrompt, collect_media, embed, media_prompt, with_media
 from .positions import text_position_ids
@@ -238,9 +239,11 @@ def stream_generate(
     if max(ids, default=0) >= vocab or min(ids, default=0) < 0:
         bad = next(t for t in ids if not 0 <= t < vocab)
         raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab}")
-    context = model.config.text.max_position_embeddings
+    context = context_of(model)
     if len(ids) >= context:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens"
+                         + ("" if context == model.config.text.max_position_embeddings else
+                            " (what fits this machine's memory: see python -m mlx_qwen36.bench --plan)"))
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     yield from _generate(model, processor, pc, ids, text, params, tools, max_tokens, stops, prefill_chunk_size,
                          media, draft_depth)
@@ -352,7 +355,7 @@ def _generate(model: Model, processor: Any, pc: PromptCache, ids: list[int], tex
     parser = StreamParser(initial_phase(text), list(tools) if tools else None)
     stopper = StopStrings(stops)
     eos = set(processor.eos_token_ids)
-    limit = min(max_tokens, model.config.text.max_position_embeddings - len(ids))
+    limit = min(max_tokens, context_of(model) - len(ids))
     generated: list[int] = []
     finish = "length"
     stopped_by_string = saw_tool_call = False

@@ -277,13 +277,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from .cli import kv_kwargs
+    from .cli import kv_kwargs, planned_context
     from .loader import load
+    from .memory import limit_context
 
     args = parser().parse_args(argv)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
+        context = planned_context(args, vision=True, mtp=args.mtp is not None)
         model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context)
+        limit_context(model, context)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
