@@ -9,6 +9,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_qwen36 import load_model
 from mlx_qwen36.config import YARN_FACTOR, ConfigError, ModelConfig, with_max_context
@@ -188,3 +189,96 @@ def test_kv_bits_on_the_command_line(chat_dir, capsys):
     assert "Generation: 3 tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.parser().parse_args([*args, "--kv-bits", "3"])
+
+
+# --- long prompts: bounded prefill ---------------------------------------------------------------------------
+
+
+def test_long_prefill_peak_does_not_grow_with_the_prompt(tiny):
+    """Prefill of 2,048 and of 8,192 tokens: the peak grows by the KV cache (and one copy of it while a buffer
+    grows), not with the prompt: chunks of 512 evaluated one by one, and attention holding no [heads, T, S]
+    scores (those would add 50 MB here)."""
+    model = load_model(tiny["moe"]["hf"], max_context=16384)
+    peaks, kv = [], []
+    for n in (2048, 8192):
+        ids = mx.array(np.random.default_rng(0).integers(0, 512, (1, n)), dtype=mx.int32)
+        mx.eval(ids)
+        cache = model.make_cache()
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(model.prefill(ids, cache, chunk_size=512))
+        peaks.append(mx.get_peak_memory() - base)
+        kv.append(sum(c.nbytes for c in cache if hasattr(c, "keys")))
+        del cache
+    growth = peaks[1] - peaks[0]
+    assert growth <= 2 * (kv[1] - kv[0]) + (2 << 20), (peaks, kv)
+
+
+# --- the memory plan --------------------------------------------------------------------------------------------
+
+REAL_35B = {"model_type": "qwen3_5_moe", "text_config": dict(
+    TEXT, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    vocab_size=248320, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+    linear_value_head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, full_attention_interval=4)}
+
+
+def test_the_35b_kv_and_gdn_state_sizes():
+    from mlx_qwen36 import memory
+
+    cfg = ModelConfig.from_dict(REAL_35B)
+    assert memory.kv_bytes_per_token(cfg) == 10 * 2 * 2 * 256 * 2 == 20480  # ~5.4 GB at 262,144 tokens
+    assert memory.kv_bytes_per_token(cfg, kv_bits=8) == 10 * 2 * 2 * 256 * (1 + 4 / 64)
+    assert memory.kv_bytes_per_token(cfg, kv_bits=4, kv_group_size=32) == 10 * 2 * 2 * 256 * (0.5 + 4 / 32)
+    assert memory.kv_bytes_per_token(cfg, mtp=True) == 11 * 2 * 2 * 256 * 2
+    assert memory.gdn_state_bytes(cfg) == 30 * (3 * 8192 * 2 + 32 * 128 * 128 * 4)  # 64 MB, at any context
+
+
+def test_plan_of_a_checkpoint(tiny):
+    from mlx_qwen36 import memory
+
+    folder = tiny["moe"]["release"]
+    model = load_model(folder, mtp=True)
+    parts = memory.weight_bytes(folder)
+    assert parts["mtp"] > 0 and parts["vision"] > 0
+    loaded = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "visual" not in k)
+    assert abs(loaded - parts["text"] - parts["mtp"]) < 0.01 * loaded  # (norms and gates are kept fp32 when loaded)
+    p = memory.plan(folder, 8000, available=10 << 20)
+    assert p.context == 8000 and p.kv == 8000 * p.kv_per_token and p.reach == 4 * 4096
+    assert p.total == p.weights + p.kv + p.gdn_state + p.prefill  # MTP and vision not loaded
+    assert p.fits == (p.total <= 10 << 20)
+    tight = memory.plan(folder, 8000, available=p.total - p.kv + 1000 * p.kv_per_token)
+    assert not tight.fits and tight.max_context == 1000
+    with pytest.raises(memory.MemoryPlanError, match="the longest that fits is 1,000 tokens"):
+        memory.check_fits(folder, 8000, available=tight.available)
+    assert memory.check_fits(folder, None, available=tight.available) == 1000  # no --max-context: capped
+    assert "does NOT fit" in tight.table() and "| KV cache at 8,000 tokens (512 B/token) |" not in tight.table()
+
+
+def test_command_lines_refuse_what_does_not_fit_and_cap_the_rest(chat_dir, monkeypatch, capsys):
+    import importlib
+
+    from mlx_qwen36 import memory
+
+    cli = importlib.import_module("mlx_qwen36.generate")
+    room = memory.plan(chat_dir, 40_000, available=1 << 40)
+    monkeypatch.setattr(memory, "available_bytes", lambda: room.total - room.kv + 40 * room.kv_per_token)
+    args = ["--model", str(chat_dir), "--temp", "0", "--max-tokens", "2"]
+    assert cli.main([*args, "--prompt", "hi", "--max-context", "40000"]) == 1
+    assert "does not fit this machine" in capsys.readouterr().err
+    assert cli.main([*args, "--prompt", "hi"]) == 0  # fits in the 40 tokens the plan allows
+    capsys.readouterr()
+    assert cli.main([*args, "--prompt", "word " * 60]) == 1
+    err = capsys.readouterr().err
+    assert "the model's context is 40 tokens" in err and "bench --plan" in err
+
+
+def test_bench_plan_prints_and_exits_by_the_verdict(tiny, capsys):
+    from mlx_qwen36 import bench
+
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--plan", "--model", str(tiny["moe"]["release"]), "--context", "8000", "--mtp"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "| MTP head |" in out and "8,000 tokens fits" in out
