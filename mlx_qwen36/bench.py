@@ -721,21 +721,33 @@ def nice_step(top: float, ticks: int = 5) -> float:
 
 
 def plot(report: dict, path: str | Path, title: str | None = None) -> None:
-    """A PNG of prefill tokens/s against prompt length (log2 axis) for each implementation, drawn with Pillow."""
+    """A PNG of prefill tokens/s against prompt length (log2 axis) for each implementation."""
+    series = {label: {int(n): v for n, v in (report["prefill_tokens_per_s"][name] or {}).items()}
+              for name, label in ((OURS, "mlx_qwen36"), (PEER, "mlx-lm")) if report["prefill_tokens_per_s"][name]}
+    cfg = report["config"]
+    title = title or (f"Prefill tokens/s, {report['dtype']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
+                      f"layers, {cfg['num_experts'] or 'no'} experts - {report['machine']['cpu']}, "
+                      f"{report['machine']['cores']} cores")
+    plot_series(series, path, title, "prompt length (tokens, log scale)")
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def plot_series(series: dict[str, dict[int, float]], path: str | Path, title: str, xlabel: str,
+                ylabel: str = "tok/s") -> None:
+    """A PNG of each labelled series {x: tok/s} against x on a log2 axis, drawn with Pillow."""
     from PIL import Image, ImageDraw, ImageFont
 
-    series = {name: {int(n): v for n, v in (report["prefill_tokens_per_s"][name] or {}).items()}
-              for name in (OURS, PEER) if report["prefill_tokens_per_s"][name]}
-    colours = {OURS: (31, 119, 180), PEER: (255, 127, 14)}
-    labels = {OURS: "mlx_qwen36", PEER: "mlx-lm"}
     W, H, left, right, top, bottom = 900, 560, 90, 30, 70, 80
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=16)
     small = ImageFont.load_default(size=13)
     xs = sorted({n for s in series.values() for n in s})
-    step = nice_step(max(v for s in series.values() for v in s.values()) * 1.1)
-    ymax = step * np.ceil(max(v for s in series.values() for v in s.values()) * 1.1 / step)
+    top_value = max(v for s in series.values() for v in s.values()) * 1.1
+    step = nice_step(top_value)
+    ymax = step * np.ceil(top_value / step)
     lx = [np.log2(n) for n in xs]
     x0, x1 = (min(lx) - 0.3, max(lx) + 0.3) if len(lx) > 1 else (lx[0] - 1, lx[0] + 1)
 
@@ -750,26 +762,23 @@ def plot(report: dict, path: str | Path, title: str | None = None) -> None:
     for n in xs:
         x = px(n, 0)[0]
         draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
-        draw.text((x, H - bottom + 10), str(n), fill="black", font=small, anchor="mt")
+        draw.text((x, H - bottom + 10), f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n), fill="black",
+                  font=small, anchor="mt")
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for name, s in series.items():
+    for colour, s in zip(COLOURS, series.values()):
         pts = [px(n, s[n]) for n in sorted(s)]
         if len(pts) > 1:
-            draw.line(pts, fill=colours[name], width=3)
+            draw.line(pts, fill=colour, width=3)
         for n, (x, y) in zip(sorted(s), pts):
-            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colours[name])
-            draw.text((x, y - 10), f"{s[n]:.3g}", fill=colours[name], font=small, anchor="mb")
-    for i, name in enumerate(series):
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+            draw.text((x, y - 10), f"{s[n]:.4g}", fill=colour, font=small, anchor="mb")
+    for i, (colour, label) in enumerate(zip(COLOURS, series)):
         y = top + 18 + 22 * i
-        draw.line([left + 15, y, left + 45, y], fill=colours[name], width=3)
-        draw.text((left + 52, y), labels[name], fill="black", font=font, anchor="lm")
-    cfg = report["config"]
-    title = title or (f"Prefill tokens/s, {report['dtype']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
-                      f"layers, {cfg['num_experts'] or 'no'} experts - {report['machine']['cpu']}, "
-                      f"{report['machine']['cores']} cores")
+        draw.line([left + 15, y, left + 45, y], fill=colour, width=3)
+        draw.text((left + 52, y), label, fill="black", font=font, anchor="lm")
     draw.text((W / 2, 30), title, fill="black", font=font, anchor="mm")
-    draw.text((W / 2, H - 30), "prompt length (tokens, log scale)", fill="black", font=font, anchor="mm")
-    draw.text((18, (top + H - bottom) / 2), "tok/s", fill="black", font=font, anchor="lm")
+    draw.text((W / 2, H - 30), xlabel, fill="black", font=font, anchor="mm")
+    draw.text((18, (top + H - bottom) / 2), ylabel, fill="black", font=font, anchor="lm")
     img.save(path)
 
 

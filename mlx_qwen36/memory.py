@@ -4,9 +4,8 @@ What a generation holds: the weights (from the checkpoint's safetensors headers,
 head and the vision tower), the KV cache of the attention layers (the only part that grows with the context: 10 of
 the 35B-A3B's 40 layers, ~20 KB per token in bf16; `kv_bits` shrinks it), the GDN layers' fixed conv and recurrent
 states, and the prefill's working memory (bounded by the chunk, not the prompt). `plan(...)` adds them up against
-what this machine can hold without swapping (a Metal GPU's recommended working set; elsewhere the physical RAM) and
-gives the longest context that fits. The CLIs refuse a `--max-context` that does not fit, and otherwise cap the
-context at the longest that does.
+what this machine can hold without swapping (90% of its physical memory) and gives the longest context that fits.
+The CLIs refuse a `--max-context` that does not fit, and otherwise cap the context at the longest that does.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import mlx.core as mx
 
 from .config import ModelConfig, context_reach, with_max_context
 
@@ -84,13 +81,10 @@ def _size(n: int) -> str:
 
 
 def available_bytes() -> int:
-    """What this machine can hold without swapping, times HEADROOM: a Metal GPU's recommended working set, else
-    the physical memory."""
-    if mx.metal.is_available():
-        total = mx.device_info()["max_recommended_working_set_size"]
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * HEADROOM)
+    """What this machine can hold without swapping: its physical memory times HEADROOM. (On a Mac the GPU's
+    recommended working set is less: it is what stays wired, and the generator warns when the weights exceed it,
+    but memory past it is used without swapping.)"""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * HEADROOM)
 
 
 def weight_bytes(folder: Path) -> dict[str, int]:
