@@ -410,3 +410,12 @@ def test_the_command_line_serves(chat_dir):
     bad = subprocess.run([sys.executable, "-m", "mlx_qwen36.server", "--model", str(chat_dir / "missing")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_the_engine_keeps_its_caches_quantized_when_asked(chat):
+    from mlx_qwen36.cache import QuantizedKVCache
+
+    with serving(*chat, engine_options={"kv_bits": 8, "kv_group_size": 32}) as (url, engine):
+        r = oai(url).chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.completion_tokens == 3
+        assert any(isinstance(c, QuantizedKVCache) for _, pc in engine.caches for c in pc.cache)
