@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .cli import (
-    add_context_argument,
-    add_kv_arguments,
     add_model_argument,
-    add_mtp_argument,
+    add_runtime_arguments,
     add_sampling_arguments,
     kv_kwargs,
-    planned_context,
+    load_planned,
     sampling_kwargs,
     speculation_line,
 )
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
-from .memory import limit_context
 from .prompt_cache import PromptCache, PromptCacheError, make_prompt_cache
 
 HELP = """commands:
@@ -229,9 +226,7 @@ def parser() -> argparse.ArgumentParser:
                    help="keep past reasoning in the conversation (reuses the whole history from the cache)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--system", default=None, help="system prompt")
-    add_mtp_argument(p)
-    add_context_argument(p)
-    add_kv_arguments(p)
+    add_runtime_arguments(p)
     return p
 
 
@@ -244,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loading {args.model} ...", flush=True)
     start = time.perf_counter()
     try:
-        context = planned_context(args, vision=True, mtp=args.mtp is not None)
-        model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context)
-        limit_context(model, context)
+        model, processor = load_planned(args, load, vision=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

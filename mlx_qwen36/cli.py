@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 from .sampling import PRESETS
@@ -54,6 +55,24 @@ def add_context_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="longest prompt + reply in tokens; past the checkpoint's native context (262,144) rotary "
                         "switches to YaRN (factor 4, up to 1,048,576)")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """--mtp, --max-context, --kv-bits and --kv-group-size: how a loaded model runs, the same on every command."""
+    add_mtp_argument(p)
+    add_context_argument(p)
+    add_kv_arguments(p)
+
+
+def load_planned(args: argparse.Namespace, load: Callable[..., Any], vision: bool, **kwargs: Any) -> tuple[Any, Any]:
+    """The memory plan first (`planned_context`), then `load(args.model, ...)` with --mtp and --max-context, the
+    model's context capped at what the plan allows."""
+    from .memory import limit_context
+
+    context = planned_context(args, vision=vision, mtp=args.mtp is not None)
+    model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context, **kwargs)
+    limit_context(model, context)
+    return model, processor
 
 
 def planned_context(args: argparse.Namespace, vision: bool, mtp: bool) -> int:

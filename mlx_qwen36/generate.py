@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .cli import (
-    add_context_argument,
-    add_kv_arguments,
     add_model_argument,
-    add_mtp_argument,
+    add_runtime_arguments,
     add_sampling_arguments,
     kv_kwargs,
-    planned_context,
+    load_planned,
     sampling_kwargs,
     speculation_line,
 )
 from .generator import DEFAULT_MAX_TOKENS, GenerationChunk, stream_generate
 from .loader import load
-from .memory import limit_context
 from .multimodal import with_media
 from .tool_parser import CONTENT, REASONING
 
@@ -59,9 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
                    help="tokens to generate at most, reasoning included (default: %(default)s)")
     add_sampling_arguments(p)
-    add_mtp_argument(p)
-    add_context_argument(p)
-    add_kv_arguments(p)
+    add_runtime_arguments(p)
     p.add_argument("--no-think", action="store_true", help="answer without thinking first")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning on stderr")
     # One setting, two spellings; the last one given wins.
@@ -160,9 +155,7 @@ def run(args: argparse.Namespace, printer: Printer) -> None:
     check_media_files(args)
     # Without media the vision tower would only take memory (0.875 GB in bf16): the flags say up front.
     media = bool(args.image or args.video)
-    context = planned_context(args, vision=media, mtp=args.mtp is not None)
-    model, processor = load(args.model, text_only=not media, mtp=args.mtp is not None, max_context=args.max_context)
-    limit_context(model, context)
+    model, processor = load_planned(args, load, vision=media, text_only=not media)
     last = None
     try:
         for chunk in stream_generate(model, processor, messages(prompt, args), **generation_kwargs(args)):

@@ -254,7 +254,7 @@ def error_response(flavour: str, status: int, kind: str, message: str, param: st
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import add_context_argument, add_kv_arguments, add_model_argument, add_mtp_argument
+    from .cli import add_model_argument, add_runtime_arguments
 
     p = argparse.ArgumentParser(prog="python -m mlx_qwen36.server", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -268,25 +268,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-gb", type=float, default=8.0,
                    help="memory the kept prompt caches may take together (least recently used dropped first)")
     p.add_argument("--model-name", default=None, help="the model id clients must send (default: --model)")
-    add_mtp_argument(p)
-    add_context_argument(p)
-    add_kv_arguments(p)
+    add_runtime_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from .cli import kv_kwargs, planned_context
+    from .cli import kv_kwargs, load_planned
     from .loader import load
-    from .memory import limit_context
 
     args = parser().parse_args(argv)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
-        context = planned_context(args, vision=True, mtp=args.mtp is not None)
-        model, processor = load(args.model, mtp=args.mtp is not None, max_context=args.max_context)
-        limit_context(model, context)
+        model, processor = load_planned(args, load, vision=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
