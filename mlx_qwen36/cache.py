@@ -218,6 +218,18 @@ def keep_tokens(cache: list[Cache], forward_len: int, n: int) -> None:
             c.restore(c.offset - (forward_len - n))
 
 
+@contextmanager
+def atomic(cache: list[Cache]) -> Iterator[list[Any]]:
+    """Inside, any interruption (Ctrl-C, an error while building a step) puts `cache` back as it was; yields the
+    snapshot taken on entry."""
+    before = snapshot(cache)
+    try:
+        yield before
+    except BaseException:
+        restore(cache, before)
+        raise
+
+
 def snapshot(cache: list[Cache]) -> list[Any]:
     """A restorable copy of a whole model cache (see `restore`)."""
     return [c.snapshot() for c in cache]

@@ -19,9 +19,9 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .cache import atomic
 from .cache import buffers as cache_buffers
 from .cache import restore as restore_cache
-from .cache import snapshot as snapshot_cache
 from .detokenizer import StreamingDetokenizer
 from .fast import decode_step
 from .memory import context_of
@@ -128,13 +128,9 @@ def _atomic_step(model: Model, pc: PromptCache, tokens: list[int], keys: list[in
 
     `keys` are what the prompt cache records (the tokens, with media pads replaced by content keys).
     """
-    before = snapshot_cache(pc.cache)
-    try:
+    with atomic(pc.cache):
         hidden = model.model(mx.array([tokens]), pc.cache, position_ids, embeddings)
         mx.eval(hidden, [c.state for c in pc.cache])
-    except BaseException:
-        restore_cache(pc.cache, before)
-        raise
     pc.record(keys if keys is not None else tokens)
     return hidden
 
@@ -285,8 +281,7 @@ def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable 
     Building the graph can be interrupted (Ctrl-C): the cache is then put back as it was, so every step stays
     atomic for the prompt cache.
     """
-    before = snapshot_cache(pc.cache)
-    try:
+    with atomic(pc.cache) as before:
         x = token.reshape(1, 1)
         if step is not None:
             logits = step(x, pc.cache, rope_delta)[:, -1]
@@ -294,9 +289,6 @@ def _launch_step(model: Model, pc: PromptCache, token: mx.array, step: Callable 
             positions = text_position_ids(len(pc.tokens), 1, rope_delta) if rope_delta else None
             logits = model(x, pc.cache, position_ids=positions)[:, -1]
         mx.async_eval(logits, cache_buffers(pc.cache))
-    except BaseException:
-        restore_cache(pc.cache, before)
-        raise
     return _InFlight(logits, before)
 
 

@@ -34,10 +34,9 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import atomic, keep_tokens, recording_steps
 from .cache import buffers as cache_buffers
-from .cache import keep_tokens, recording_steps
 from .cache import restore as restore_cache
-from .cache import snapshot as snapshot_cache
 from .fast import decode_step
 from .positions import no_delta, text_position_ids
 from .sampling import Sampler
@@ -289,14 +288,10 @@ class SpeculativeDecoder:
     def _launch(self, token: mx.array) -> tuple[mx.array, mx.array, list[Any]]:
         """Queue the compiled step feeding `token` [1] and return at once (atomic: on an interruption while the
         graph is built, the cache is put back)."""
-        before = snapshot_cache(self.pc.cache)
-        try:
+        with atomic(self.pc.cache) as before:
             hidden = self.step.hidden(token.reshape(1, 1), self.pc.cache, self.rope_delta)
             logits = self.model.logits(hidden)[0, -1]
             mx.async_eval(hidden, logits, cache_buffers(self.pc.cache))
-        except BaseException:
-            restore_cache(self.pc.cache, before)
-            raise
         return hidden, logits, before
 
     def close(self) -> None:
@@ -315,12 +310,8 @@ class SpeculativeDecoder:
         started = time.perf_counter()
         drafts, qs, gated = self._draft(depth, generated) if depth else ([], [], False)
         drafted = time.perf_counter()
-        before = snapshot_cache(self.pc.cache)
-        try:
+        with atomic(self.pc.cache):
             hidden, bonus, accepted = self._verify(t, drafts, qs, generated)
-        except BaseException:
-            restore_cache(self.pc.cache, before)
-            raise
         done = time.perf_counter()
         if depth:
             self.controller.observe_round(len(drafts), accepted, drafted - started, done - drafted,
